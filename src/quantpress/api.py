@@ -1,0 +1,73 @@
+"""The typed Python API: quantize, load, evaluate, generate. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from quantpress.calibration import tokenize
+from quantpress.datasets import load_text
+from quantpress.errors import CheckpointError, ConfigError
+from quantpress.evaluation import perplexity
+from quantpress.pipeline import QuantizeReport, quantize
+from quantpress.runtime.generate import Completion, complete
+from quantpress.runtime.loader import LoadedModel, load
+from quantpress.runtime.sampling import SamplingParams
+
+__all__ = ["Completion", "EvalResult", "LoadedModel", "QuantizeReport", "SamplingParams", "bundled_model_dir",
+           "default_seqlen", "evaluate", "generate", "load", "quantize"]
+
+DEFAULT_SEQLEN = 2048  # the GPTQ paper's calibration and evaluation window
+
+
+def bundled_model_dir() -> Path:
+    """The small Llama shipped with quantpress (trained by scripts/train_model.py)."""
+    return Path(str(resources.files("quantpress") / "assets" / "models" / "tiny-llama"))
+
+
+def default_seqlen(config: dict) -> int:
+    """2048 as in the paper, or the model's context if shorter."""
+    return min(DEFAULT_SEQLEN, int(config.get("max_position_embeddings", DEFAULT_SEQLEN)))
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    perplexity: float
+    dataset: str
+    seqlen: int
+    windows: int
+    seconds: float
+
+
+def _as_loaded(model: str | Path | LoadedModel) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load(model)
+
+
+def evaluate(
+    model: str | Path | LoadedModel,
+    dataset: str = "wikitext2",
+    seqlen: int | None = None,
+    *,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    on_window=None,
+) -> EvalResult:
+    """Perplexity on a bundled set's evaluation split (wikitext-2 test) or any text file."""
+    loaded = _as_loaded(model)
+    if loaded.tokenizer is None:
+        raise CheckpointError(f"{loaded.path} has no tokenizer; cannot tokenize the evaluation text")
+    seqlen = seqlen or default_seqlen(loaded.config)
+    if loaded.max_length is not None and seqlen > loaded.max_length:
+        raise ConfigError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {loaded.max_length}")
+    ids = tokenize(loaded.tokenizer, load_text(dataset, "evaluation"))
+    started = time.perf_counter()
+    windows = ids.numel() // seqlen if max_windows is None else min(max_windows, ids.numel() // seqlen)
+    ppl = perplexity(loaded.model, ids, seqlen, batch_size=batch_size, max_windows=max_windows, on_window=on_window)
+    return EvalResult(ppl, dataset, seqlen, windows, time.perf_counter() - started)
+
+
+def generate(model: str | Path | LoadedModel, prompt: str, params: SamplingParams = SamplingParams()) -> Completion:
+    """Complete `prompt` with a full-precision or GPTQ model."""
+    return complete(_as_loaded(model), prompt, params)

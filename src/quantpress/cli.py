@@ -1,0 +1,146 @@
+"""The `quantpress` command: a thin layer over quantpress.api. Errors are translated here only."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from quantpress import api
+from quantpress.config import CalibrationConfig, Method, QuantConfig, variant_name
+from quantpress.errors import QuantpressError
+from quantpress.formats.hf_folder import read_json
+from quantpress.runtime.sampling import SamplingParams
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Quantize LLMs into GPTQ checkpoints every loader reads; evaluate and run them.")
+console = Console(stderr=True)
+DEFAULT_Q, DEFAULT_C, DEFAULT_S = QuantConfig(), CalibrationConfig(), SamplingParams()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _eval_with_bar(model, dataset: str, seqlen: Optional[int], label: str, max_windows: Optional[int]) -> api.EvalResult:
+    with _progress() as bar:
+        task = bar.add_task(f"perplexity {label}", total=None)
+        return api.evaluate(model, dataset, seqlen, max_windows=max_windows,
+                            on_window=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+@app.command()
+def quantize(
+    model_dir: Annotated[Optional[Path], typer.Argument(help="Hugging Face model folder (default: the bundled tiny Llama)")] = None,
+    out_dir: Annotated[Optional[Path], typer.Argument(help="Output folder (default: quantpress-out/<model>-<variant>)")] = None,
+    bits: int = typer.Option(DEFAULT_Q.bits, help="2, 3, 4 or 8"),
+    group_size: int = typer.Option(DEFAULT_Q.group_size, help="-1 for one group per row"),
+    act_order: bool = typer.Option(DEFAULT_Q.act_order, "--act-order/--no-act-order", help="desc_act"),
+    sym: bool = typer.Option(DEFAULT_Q.sym, "--sym/--asym"),
+    static_groups: bool = typer.Option(DEFAULT_Q.static_groups, "--static-groups/--no-static-groups"),
+    true_sequential: bool = typer.Option(DEFAULT_Q.true_sequential, "--true-sequential/--no-true-sequential"),
+    damp: float = typer.Option(DEFAULT_Q.damp_percent, help="damp_percent"),
+    mse: bool = typer.Option(DEFAULT_Q.mse, "--mse/--no-mse", help="search the clipping range"),
+    method: Method = typer.Option(DEFAULT_Q.method, help="gptq, or rtn (the baseline)"),
+    dataset: str = typer.Option(DEFAULT_C.dataset, help="wikitext2, tinyshakespeare, or a text file"),
+    nsamples: int = typer.Option(DEFAULT_C.nsamples),
+    seqlen: Optional[int] = typer.Option(None, help="default: min(2048, the model's context)"),
+    seed: int = typer.Option(DEFAULT_C.seed),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="wikitext-2 perplexity before and after"),
+    eval_windows: Optional[int] = typer.Option(None, help="evaluate on the first N windows only"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+) -> None:
+    """Quantize a model folder into a GPTQ checkpoint (runs the bundled model when no folder is given)."""
+    model_dir = model_dir or api.bundled_model_dir()
+    config = read_json(model_dir / "config.json")
+    quant = QuantConfig(bits=bits, group_size=group_size, act_order=act_order, sym=sym, static_groups=static_groups,
+                        true_sequential=true_sequential, damp_percent=damp, mse=mse, method=method)
+    calibration = CalibrationConfig(dataset, nsamples, seqlen or api.default_seqlen(config), seed)
+    out_dir = out_dir or Path("quantpress-out") / f"{model_dir.name}-{variant_name(quant)}"
+
+    before = _eval_with_bar(model_dir, "wikitext2", None, "full precision", eval_windows) if evaluate else None
+    with _progress() as bar:
+        task = bar.add_task(f"quantizing {model_dir.name} ({variant_name(quant)})", total=None)
+        report = api.quantize(model_dir, out_dir, quant, calibration if method is Method.GPTQ else None,
+                              overwrite=overwrite,
+                              progress=lambda _stage, done, total: bar.update(task, completed=done, total=total))
+    after = _eval_with_bar(out_dir, "wikitext2", None, "quantized", eval_windows) if evaluate else None
+
+    table = Table(title=f"quantpress {variant_name(quant)}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("output", str(report.out_dir))
+    table.add_row("checkpoint_format", report.checkpoint_format.value)
+    table.add_row("time", f"{report.seconds:.1f} s" + (f" (resumed {report.resumed_layers} layers)" if report.resumed_layers else ""))
+    table.add_row("size on disk", _human_size(report.size_bytes))
+    if before and after:
+        table.add_row(f"wikitext-2 ppl before (seqlen {before.seqlen})", f"{before.perplexity:.3f}")
+        table.add_row("wikitext-2 ppl after", f"{after.perplexity:.3f}")
+        table.add_row("change", f"{after.perplexity / before.perplexity - 1:+.2%}")
+    Console().print(table)
+
+
+@app.command("eval")
+def eval_(
+    model_dir: Path = typer.Argument(..., help="full-precision or GPTQ model folder"),
+    dataset: str = typer.Option("wikitext2", help="wikitext2 (test split), tinyshakespeare, or a text file"),
+    seqlen: Optional[int] = typer.Option(None, help="window length (default: min(2048, the model's context))"),
+    max_windows: Optional[int] = typer.Option(None, help="evaluate on the first N windows only"),
+) -> None:
+    """Perplexity as the GPTQ paper computes it: non-overlapping windows, exp of mean NLL."""
+    result = _eval_with_bar(model_dir, dataset, seqlen, model_dir.name, max_windows)
+    print(f"{result.dataset} perplexity: {result.perplexity:.4f} "
+          f"(seqlen {result.seqlen}, {result.windows} windows, {result.seconds:.1f} s)")
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help="full-precision or GPTQ model folder"),
+    prompt: str = typer.Option(..., help="text to complete"),
+    max_new_tokens: int = typer.Option(DEFAULT_S.max_new_tokens),
+    temperature: float = typer.Option(DEFAULT_S.temperature, help="0 for greedy"),
+    top_p: float = typer.Option(DEFAULT_S.top_p),
+    top_k: int = typer.Option(DEFAULT_S.top_k, help="0 disables"),
+    repetition_penalty: float = typer.Option(DEFAULT_S.repetition_penalty),
+    seed: Optional[int] = typer.Option(None),
+) -> None:
+    """Load a folder on CPU and print a completion of the prompt."""
+    params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    completion = api.generate(model_dir, prompt, params)
+    print(prompt + completion.text)
+    console.print(f"[dim]{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}[/dim]")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except QuantpressError as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            console.print(f"[red]error:[/red] disk full while writing {e.filename or ''}: nothing finished was "
+                          "lost; free space and re-run the same command to resume")
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

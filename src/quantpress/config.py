@@ -1,0 +1,71 @@
+"""Typed configuration: one frozen dataclass per concept, validated on construction.
+
+`QuantConfig` says how weights are quantized; `CalibrationConfig` says which data drives GPTQ.
+Both are written to `quantize_config.json` as-is (see `formats/gptq_config.py`), and names
+(`variant_name`) are derived from them one way only — nothing parses a name back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from quantpress.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+class Method(str, Enum):
+    GPTQ = "gptq"
+    RTN = "rtn"  # round-to-nearest with the same quantizer: the baseline GPTQ must beat
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How each Linear weight of the decoder layers is quantized (spec section B)."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one scale/zero per output row over all input features
+    act_order: bool = False  # "desc_act": quantize columns in order of decreasing diag(H)
+    sym: bool = True
+    static_groups: bool = False  # group params from the pre-GPTQ weight, in natural order
+    true_sequential: bool = True  # q/k/v -> o -> gate/up -> down, each seeing quantized inputs
+    damp_percent: float = 0.1  # added to diag(H) as a fraction of its mean
+    mse: bool = False  # search a shrunken clipping range per group (B1 `mse`)
+    block_size: int = 128  # lazy-batch width of the GPTQ update
+    method: Method = Method.GPTQ
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ConfigError(f"group_size must be -1 or positive, got {self.group_size}")
+        if not 0.0 < self.damp_percent < 1.0:
+            raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
+        if self.block_size <= 0:
+            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+        if not isinstance(self.method, Method):
+            object.__setattr__(self, "method", Method(self.method))
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which token windows GPTQ sees: `nsamples` random windows of `seqlen` tokens (IST sampler)."""
+
+    dataset: str = "wikitext2"  # a bundled dataset name, or a path to a UTF-8 text file
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nsamples <= 0:
+            raise ConfigError(f"nsamples must be positive, got {self.nsamples}")
+        if self.seqlen <= 1:
+            raise ConfigError(f"seqlen must be at least 2, got {self.seqlen}")
+
+
+def variant_name(quant: QuantConfig) -> str:
+    """The branch/folder name of a variant, e.g. `gptq-4bit-128g-actorder_True` (TheBloke style)."""
+    group = "none" if quant.group_size == -1 else f"{quant.group_size}g"
+    name = f"{quant.method.value}-{quant.bits}bit-{group}-actorder_{quant.act_order}"
+    return name if quant.sym else name + "-asym"

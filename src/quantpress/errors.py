@@ -1,0 +1,43 @@
+"""Errors quantpress raises. Library code raises these; only the CLI turns them into exit codes."""
+
+from __future__ import annotations
+
+
+class QuantpressError(Exception):
+    """Base class: something the user can act on, with a message that says what."""
+
+
+class ConfigError(QuantpressError):
+    """A quantization or calibration setting is invalid."""
+
+
+class UnsupportedArchitecture(QuantpressError):
+    """The model's architecture is not in quantpress's architecture table."""
+
+
+class CheckpointError(QuantpressError):
+    """A model folder or weight file is missing, truncated, corrupt or inconsistent."""
+
+
+class CalibrationError(QuantpressError):
+    """The calibration or evaluation text cannot provide what was asked for."""
+
+
+class NonFiniteError(QuantpressError):
+    """A weight or activation contains NaN or Inf."""
+
+
+class HessianNotPositiveDefinite(QuantpressError):
+    """Cholesky failed even after damping was increased; names where it happened when known."""
+
+    def __init__(self, message: str, *, damp_percent: float | None = None) -> None:
+        super().__init__(message)
+        self.damp_percent = damp_percent
+
+
+class OutputExistsError(QuantpressError):
+    """The output folder already holds a finished model."""
+
+
+class PromptTooLong(QuantpressError):
+    """A prompt plus the requested new tokens exceed what the model allows."""

@@ -1,0 +1,295 @@
+"""quantize(): a Hugging Face model folder in, a GPTQ folder every loader reads out.
+
+Memory stays at about one decoder layer plus the calibration activations: the model skeleton
+lives on `meta`, and each layer's weights are read from safetensors, quantized, staged to disk
+and released before the next layer is read.
+
+Outputs are never half-written: work happens in `<out>.partial/`, each finished layer is staged
+there as its own file (so an interrupted run resumes at the next layer), and the folder is
+renamed to `<out>` only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from quantpress import __version__
+from quantpress.calibration import calibration_examples
+from quantpress.config import CalibrationConfig, Method, QuantConfig
+from quantpress.errors import ConfigError, OutputExistsError
+from quantpress.formats.gptq_config import quantize_config_dict
+from quantpress.formats.gptq_tensors import CheckpointFormat, from_gptq_tensors, to_gptq_tensors
+from quantpress.formats.hf_folder import (
+    ModelFolder,
+    atomic_save_tensors,
+    atomic_write_json,
+    copy_side_files,
+    slice_nbytes,
+    write_sharded,
+)
+from quantpress.layerwise import LayerInputs, ModuleResult, capture_layer_inputs, forward_layer, quantize_layer
+from quantpress.models.arch import Architecture, architecture_for
+from quantpress.models.skeleton import assign_weights, build_on_meta, hf_config, materialize_buffers, release
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+MAX_SHARD_BYTES = 5 * 10**9  # the Hub's conventional shard size
+CALIBRATION_DTYPE = torch.float32  # Hessians need fp32; fp16 matmul on CPU is ~50x slower anyway
+
+
+@dataclass(frozen=True)
+class ModuleStat:
+    name: str  # full module name, e.g. "model.layers.3.mlp.down_proj"
+    loss: float
+    damp_percent: float
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    out_dir: Path
+    quant: QuantConfig
+    calibration: CalibrationConfig | None
+    checkpoint_format: CheckpointFormat
+    seconds: float
+    size_bytes: int  # all weight files in out_dir
+    num_layers: int
+    resumed_layers: int  # layers taken from an interrupted run's staging folder
+    modules: list[ModuleStat] = field(default_factory=list)
+
+
+def checkpoint_format_for(quant: QuantConfig) -> CheckpointFormat:
+    """v1 ("gptq") for sym — every loader reads it; v2 for asym, where v1's stored zero-1
+    would corrupt packed words whenever a zero point is 0 (spec A4)."""
+    return CheckpointFormat.GPTQ if quant.sym else CheckpointFormat.GPTQ_V2
+
+
+def quantize(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    quant: QuantConfig = QuantConfig(),
+    calibration: CalibrationConfig | None = CalibrationConfig(),
+    *,
+    examples: Tensor | None = None,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: Progress | None = None,
+) -> QuantizeReport:
+    """Quantize a local Hugging Face causal-LM folder into a GPTQ folder.
+
+    `examples` ([n, seqlen] int64) replaces sampling from `calibration.dataset`, e.g. to give two
+    tools identical windows. RTN needs no calibration; pass `calibration=None` for it.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    if quant.method is Method.GPTQ and calibration is None:
+        raise ConfigError("GPTQ needs a calibration config (only RTN runs without data)")
+
+    with ModelFolder(model_dir) as source:
+        arch = architecture_for(source.config)
+        config = hf_config(source.config)
+        _check_packable(source, arch, config, quant)
+        if quant.method is Method.GPTQ:
+            examples = _resolve_examples(source.path, config, calibration, examples)
+        fingerprint = _fingerprint(source, quant, calibration if quant.method is Method.GPTQ else None, examples)
+        done = _prepare_staging(staging, fingerprint)
+        stats = _quantize_layers(source, arch, config, quant, examples, staging, done, batch_size, progress)
+        fmt = checkpoint_format_for(quant)
+        _assemble(source, staging, arch, config, quant, calibration, fmt, max_shard_bytes)
+        _write_log(staging, stats)
+
+    _publish(staging, out_dir, overwrite)
+    size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
+    return QuantizeReport(
+        out_dir, quant, calibration if quant.method is Method.GPTQ else None, checkpoint_format_for(quant),
+        time.perf_counter() - started, size, config.num_hidden_layers, done, stats,
+    )
+
+
+def _check_packable(source: ModelFolder, arch: Architecture, config, quant: QuantConfig) -> None:
+    """Fail before any work if a Linear cannot be stored in the GPTQ layout."""
+    for name in arch.quantized_modules:
+        out_features, in_features = source.shape(f"{arch.layers}.0.{name}.weight")
+        for what, dim in (("in_features", in_features), ("out_features", out_features)):
+            if dim % 32:
+                raise ConfigError(
+                    f"{name}.{what} = {dim} is not a multiple of 32, which the GPTQ packed layout "
+                    "needs (qweight packs along in_features, qzeros along out_features)"
+                )
+
+
+def _resolve_examples(model_dir: Path, config, calibration: CalibrationConfig, examples: Tensor | None) -> Tensor:
+    max_len = getattr(config, "max_position_embeddings", None)
+    if max_len is not None and calibration.seqlen > max_len:
+        raise ConfigError(f"calibration seqlen {calibration.seqlen} exceeds the model's max_position_embeddings {max_len}")
+    if examples is None:
+        from transformers import AutoTokenizer
+
+        examples = calibration_examples(AutoTokenizer.from_pretrained(model_dir), calibration)
+    if examples.ndim != 2 or examples.dtype != torch.int64:
+        raise ConfigError(f"examples must be an int64 [n, seqlen] tensor, got {examples.dtype} {list(examples.shape)}")
+    if int(examples.max()) >= config.vocab_size or int(examples.min()) < 0:
+        raise ConfigError("examples hold token ids outside the model's vocabulary")
+    return examples
+
+
+def _fingerprint(source: ModelFolder, quant: QuantConfig, calibration: CalibrationConfig | None, examples: Tensor | None) -> dict:
+    """What a staged layer depends on; a staging folder with another fingerprint is discarded."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.path.glob("*.safetensors"))
+    digest = None if examples is None else hashlib.sha256(examples.numpy().tobytes()).hexdigest()
+    return {
+        "quantpress": __version__,
+        "source_config": source.config,
+        "source_files": files,
+        "quant": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(quant).items()},
+        "calibration": None if calibration is None else asdict(calibration),
+        "examples_sha256": digest,
+    }
+
+
+def _prepare_staging(staging: Path, fingerprint: dict) -> int:
+    """Create or reuse `<out>.partial`; returns how many layers are already staged there."""
+    manifest = staging / "progress.json"
+    if staging.exists():
+        state = json.loads(manifest.read_text()) if manifest.exists() else {}
+        if state.get("fingerprint") == json.loads(json.dumps(fingerprint)):
+            done = int(state.get("layers_done", 0))
+            log.info("resuming %s: %d layers already quantized", staging, done)
+            return done
+        log.info("discarding %s: it was made with other settings", staging)
+        shutil.rmtree(staging)
+    (staging / "layers").mkdir(parents=True)
+    atomic_write_json(manifest, {"fingerprint": fingerprint, "layers_done": 0})
+    return 0
+
+
+def _layer_file(staging: Path, index: int) -> Path:
+    return staging / "layers" / f"layer-{index:05d}.safetensors"
+
+
+def _quantize_layers(source, arch, config, quant, examples, staging, done, batch_size, progress) -> list[ModuleStat]:
+    model = build_on_meta(config, CALIBRATION_DTYPE)
+    materialize_buffers(model)
+    base = model.get_submodule(arch.layers.rpartition(".")[0])
+    layers = model.get_submodule(arch.layers)
+    inputs: LayerInputs | None = None
+    if quant.method is Method.GPTQ:
+        embed = base.get_input_embeddings()
+        assign_weights(embed, {"weight": source.get(_embed_key(model, embed))}, "embed_tokens")
+        inputs = capture_layer_inputs(base, layers, examples)
+        release(embed)
+
+    stats: list[ModuleStat] = []
+    total = len(layers)
+    for i, layer in enumerate(layers):
+        prefix = f"{arch.layers}.{i}."
+        state = {k[len(prefix):]: source.get(k) for k in source.with_prefix(prefix)}
+        assign_weights(layer, state, f"layer {i}")
+        if i < done:  # staged by an interrupted run: restore its quantized weights, skip the work
+            if inputs is not None:
+                _load_staged_into(layer, _layer_file(staging, i), prefix, arch, quant)
+        else:
+            results = quantize_layer(layer, arch, inputs, quant, batch_size=batch_size, where=f"{prefix}")
+            _stage_layer(staging, i, prefix, state, results, checkpoint_format_for(quant))
+            stats += [ModuleStat(prefix + r.name, r.loss, r.damp_percent) for r in results]
+        if inputs is not None and i + 1 < total:
+            inputs = LayerInputs(forward_layer(layer, inputs, batch_size), inputs.kwargs)
+        release(layer)
+        if progress is not None:
+            progress("layer", i + 1, total)
+    return stats
+
+
+def _embed_key(model: torch.nn.Module, embed: torch.nn.Module) -> str:
+    """Checkpoint name of the input embedding, found by identity rather than by name pattern."""
+    return next(f"{name}.weight" for name, module in model.named_modules() if module is embed)
+
+
+def _stage_layer(staging: Path, index: int, prefix: str, state: dict, results: list[ModuleResult], fmt) -> None:
+    """Write one finished layer: packed GPTQ tensors plus its other tensors (norms) unchanged."""
+    quantized = {r.name for r in results}
+    tensors = {prefix + k: v for k, v in state.items() if k.rpartition(".")[0] not in quantized}
+    for r in results:
+        for suffix, tensor in to_gptq_tensors(r.weight, fmt).items():
+            tensors[f"{prefix}{r.name}.{suffix}"] = tensor
+        if r.bias is not None:
+            tensors[f"{prefix}{r.name}.bias"] = r.bias
+    atomic_save_tensors(_layer_file(staging, index), tensors)
+    manifest = staging / "progress.json"
+    state_json = json.loads(manifest.read_text())
+    state_json["layers_done"] = index + 1
+    atomic_write_json(manifest, state_json)
+
+
+def _load_staged_into(layer, file: Path, prefix: str, arch: Architecture, quant: QuantConfig) -> None:
+    """Put a staged layer's dequantized weights into the live layer (resume path). The manifest
+    fingerprint matched, so the staged file was written with this same `quant`."""
+    with safe_open(str(file), framework="pt") as f:
+        for name in arch.quantized_modules:
+            tensors = {s: f.get_tensor(f"{prefix}{name}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")}
+            weight = from_gptq_tensors(tensors, quant.bits, checkpoint_format_for(quant))
+            linear = layer.get_submodule(name)
+            linear.weight.data = weight.dequantize().to(linear.weight.dtype)
+            if linear.bias is not None:
+                linear.bias.data = f.get_tensor(f"{prefix}{name}.bias").to(linear.bias.dtype)
+
+
+def _assemble(source, staging, arch, config, quant, calibration, fmt, max_shard_bytes) -> None:
+    """Final weight files + configs, all inside the staging folder."""
+    layer_files = sorted((staging / "layers").glob("layer-*.safetensors"))
+    handles = [safe_open(str(p), framework="pt") for p in layer_files]
+    owner = {name: h for h in handles for name in h.keys()}
+    outside = [n for n in source.names() if not n.startswith(arch.layers + ".")]
+    sizes = [(n, source.nbytes(n)) for n in outside]
+    sizes += [(n, slice_nbytes(owner[n].get_slice(n))) for n in sorted(owner, key=_layer_order)]
+
+    def load(name: str) -> Tensor:
+        return owner[name].get_tensor(name) if name in owner else source.get(name)
+
+    metadata = {"format": "pt", "quantizer": f"quantpress:{__version__}", "bits": str(quant.bits),
+                "group_size": str(quant.group_size), "checkpoint_format": fmt.value}
+    write_sharded(staging, sizes, load, max_shard_bytes, metadata)
+    qconfig = quantize_config_dict(quant, calibration if quant.method is Method.GPTQ else None, fmt,
+                                   tool_version=__version__, model_name_or_path=source.config.get("_name_or_path"))
+    atomic_write_json(staging / "quantize_config.json", qconfig)
+    atomic_write_json(staging / "config.json", {**source.config, "quantization_config": qconfig})
+    copy_side_files(source.path, staging)
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    index = next(int(p) for p in parts if p.isdigit())
+    return index, name
+
+
+def _write_log(staging: Path, stats: list[ModuleStat]) -> None:
+    if stats:
+        atomic_write_json(staging / "quantize_log.json", [asdict(s) for s in stats])
+
+
+def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Drop the staging-only files and rename the finished folder into place."""
+    shutil.rmtree(staging / "layers")
+    (staging / "progress.json").unlink()
+    if out_dir.exists() and overwrite:
+        old = out_dir.with_name(out_dir.name + ".old")
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out_dir)

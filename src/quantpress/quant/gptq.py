@@ -1,0 +1,236 @@
+"""GPTQ (Frantar et al. 2022) as pure tensor math: Hessian accumulation, damped inverse, quantize.
+
+Follows IST-DASLab `gptq.py` / AutoGPTQ `fasterquant` (spec B2, B3) step for step, so the
+checkpoints match what those tools would produce, with three deliberate choices:
+  - the quantizer's scales are fp16-rounded before use (see `quantizer.py`), so `fake` equals the
+    dequantized checkpoint bit for bit;
+  - a failed Cholesky is retried with more damping and then raises, never falls back silently;
+  - act-order sorts with a stable argsort, so equal diag(H) entries (e.g. dead columns) keep their
+    natural order and results are reproducible.
+Nothing here touches modules, hooks, devices or files: the pipeline owns those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quantpress.config import QuantConfig
+from quantpress.errors import HessianNotPositiveDefinite, NonFiniteError
+from quantpress.quant.qweight import QuantizedWeight
+from quantpress.quant.quantizer import find_params, group_params, max_level, quantize
+
+MAX_DAMP_PERCENT = 0.5  # the damping escalation stops here, see damped_cholesky_inverse
+
+
+class HessianAccumulator:
+    """Running H = (2/n) * sum over calibration tokens of x x^T for one Linear (spec B2).
+
+    `n` counts sequences, not tokens, as in IST/AutoGPTQ: a batch [B, T, K] adds B. The mean is
+    kept incrementally (H *= n/(n+m) before adding) so H stays O(1) whatever the sample count.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, inp: Tensor) -> None:
+        """Add a Linear input [B, T, K] (or [T, K], one sequence), any float dtype."""
+        K = self.H.shape[0]
+        if inp.shape[-1] != K or inp.dim() not in (2, 3):
+            raise ValueError(f"expected input [B, T, {K}] or [T, {K}], got {list(inp.shape)}")
+        if not _all_finite(inp):
+            raise NonFiniteError("calibration activations contain NaN/Inf")
+        m = inp.shape[0] if inp.dim() == 3 else 1
+        X = inp.reshape(-1, K).float()  # (B*T, K); a no-op view for contiguous fp32 input
+        self.H.mul_(self.nsamples / (self.nsamples + m))
+        self.nsamples += m
+        # H += (2/n) X^T X in one fp32 GEMM; alpha avoids materialising sqrt(2/n) * X
+        self.H.addmm_(X.t(), X, alpha=2.0 / self.nsamples)
+
+
+def damped_cholesky_inverse(
+    H: Tensor, damp_percent: float, *, max_tries: int = 4, growth: float = 10.0
+) -> tuple[Tensor, float]:
+    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, i.e. H^-1 = U^T U; returns (U, damp).
+
+    Tries damp = damp_percent, then multiplies it by `growth` (capped at MAX_DAMP_PERCENT = 0.5)
+    for at most `max_tries` attempts, each from the undamped H. The cap keeps every tried value in
+    the (0, 1) range QuantConfig accepts and bounds how far the damping may drown the data term:
+    beyond about half the mean curvature the error feedback degrades towards RTN, and a Hessian
+    that still fails (indefinite, NaN) is a calibration bug to report, not to paper over.
+    Raises HessianNotPositiveDefinite with the last damp tried. Does not modify H.
+    """
+    diag_mean = H.diagonal().mean().item()
+    if not math.isfinite(diag_mean) or diag_mean <= 0:
+        raise HessianNotPositiveDefinite(
+            f"mean of diag(H) is {diag_mean:g}; a Hessian needs a positive, finite diagonal",
+            damp_percent=damp_percent,
+        )
+    damp = damp_percent
+    for _ in range(max_tries):
+        # IST computes chol(cholesky_inverse(chol(H)), upper); the factor is unique, and one
+        # Cholesky of the reversed matrix gives it cheaper: with J the exchange matrix,
+        # J H J = L L^T  =>  H = R R^T, R = J L J upper  =>  H^-1 = U^T U with U = R^-1 upper
+        Hf = H.flip(0, 1)  # J H J, a copy we may damp in place
+        Hf.diagonal().add_(damp * diag_mean)
+        L, info = torch.linalg.cholesky_ex(Hf)
+        if info.item() == 0:
+            U = _inverse_upper(L.flip(0, 1))
+            if _all_finite(U):
+                return U, damp
+        if damp >= MAX_DAMP_PERCENT:
+            break
+        damp = min(damp * growth, MAX_DAMP_PERCENT)
+    raise HessianNotPositiveDefinite(
+        f"Cholesky of the damped Hessian failed up to damp_percent={damp:g}; "
+        "check the calibration activations (too few samples, or non-finite values)",
+        damp_percent=damp,
+    )
+
+
+def _inverse_upper(R: Tensor) -> Tensor:
+    """R^-1 for an upper-triangular R [n, n] with nonzero diagonal.
+
+    2x2 block recursion, [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]], so nearly all
+    flops are GEMMs: ~1.7x faster on CPU than solve_triangular(R, I), which ignores that I is sparse.
+    """
+    n = R.shape[0]
+    if n <= 256:
+        eye = torch.eye(n, dtype=R.dtype, device=R.device)
+        return torch.linalg.solve_triangular(R, eye, upper=True)
+    h = n // 2
+    A_inv, C_inv = _inverse_upper(R[:h, :h]), _inverse_upper(R[h:, h:])
+    R_inv = torch.zeros_like(R)
+    R_inv[:h, :h] = A_inv
+    R_inv[h:, h:] = C_inv
+    R_inv[:h, h:] = -(A_inv @ R[:h, h:]) @ C_inv
+    return R_inv
+
+
+def _all_finite(x: Tensor) -> bool:
+    """torch.isfinite(x).all(), with a one-reduction fast path for the common all-finite case."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """What `gptq_quantize` produces for one weight.
+
+    weight: integer weights + group params, input channels in original order
+    fake:   [N, K] fp32, the quantized weight GPTQ worked with; == weight.dequantize() bit for bit
+    loss:   sum over entries of (w - q)^2 / (2 d^2), as AutoGPTQ's Losses (not divided by n)
+    damp_percent: the damping that made the Cholesky succeed
+    """
+
+    weight: QuantizedWeight
+    fake: Tensor
+    loss: float
+    damp_percent: float
+
+
+def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
+    """Quantize W [N, K] (out, in) with GPTQ given the input Hessian H [K, K] (spec B3, A5).
+
+    Uses cfg.bits, group_size, sym, mse, act_order, static_groups, damp_percent and block_size.
+    W may be fp16/bf16/fp32 and H fp32; all math is fp32; neither input is modified.
+    Raises NonFiniteError for NaN/Inf in W or H, HessianNotPositiveDefinite if damping fails.
+    """
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"expected W [N, K] and H [K, K], got {list(W.shape)} and {list(H.shape)}")
+    if not _all_finite(W):
+        raise NonFiniteError("weight contains NaN/Inf")
+    if not _all_finite(H):
+        raise NonFiniteError("Hessian contains NaN/Inf (non-finite calibration activations?)")
+    N, K = W.shape
+    bits, maxq, B = cfg.bits, max_level(cfg.bits), cfg.block_size
+    grouped = cfg.group_size != -1
+    gs = cfg.group_size if grouped else K
+
+    W = W.to(torch.float32, copy=True)  # (N, K), updated in place below
+    if not grouped:
+        # one grid per row; IST/AutoGPTQ take it before dead columns are zeroed, and so do we
+        scale, zero = find_params(W, bits, cfg.sym, mse=cfg.mse)
+    H = H.float()
+    dead = H.diagonal() == 0  # inputs that were always 0: their weights cannot matter
+    if dead.any():
+        H = H.clone()
+        H.diagonal()[dead] = 1
+        W[:, dead] = 0
+
+    static = grouped and cfg.static_groups
+    if static:
+        # (G, N) group params from the pre-GPTQ weight, natural contiguous groups
+        static_scale, static_zero = group_params(W, gs, bits=bits, sym=cfg.sym, mse=cfg.mse)
+    perm = None
+    if cfg.act_order:
+        # quantize the columns with the largest curvature first: their error is cheapest to fix
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    U, damp = damped_cholesky_inverse(H, cfg.damp_percent)
+    if static:
+        # column (in quantization order) -> its natural group, to pick the static params
+        order = perm if perm is not None else torch.arange(K, device=W.device)
+        col_group = (order // gs).tolist()
+
+    Q = torch.empty_like(W)  # (N, K) fake-quantized weights, in quantization order
+    Qint = torch.empty(N, K, dtype=torch.int32, device=W.device)  # their integer levels
+    scales: list[Tensor] = []  # one (N,) per group, in the order A5 stores them
+    zeros: list[Tensor] = []
+    loss = torch.zeros((), device=W.device)
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        # the block is held transposed, (B, N), so column i of W is the contiguous row W1[i]:
+        # the per-column work is then on contiguous memory (about 1.7x faster on CPU)
+        W1 = W[:, i1:i2].t().contiguous()
+        Q1 = torch.empty_like(W1)
+        Qint1 = torch.empty_like(W1, dtype=torch.int32)
+        Err1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static:
+                if col == 0 or col_group[col] != col_group[col - 1]:
+                    scale, zero = static_scale[col_group[col]], static_zero[col_group[col]]
+            elif grouped and col % gs == 0:
+                # NB: reads W, not W1 (IST quirk, kept for bit-compatibility): a group starting
+                # mid-block gets params from weights without this block's updates so far
+                scale, zero = find_params(W[:, col : col + gs], bits, cfg.sym, mse=cfg.mse)
+                scales.append(scale)
+                zeros.append(zero)
+            w = W1[i]  # (N,)
+            d = U1[i, i]
+            Qint1[i], Q1[i] = quantize(w, scale, zero, maxq)
+            torch.div(w - Q1[i], d, out=Err1[i])
+            # spread this column's error over the rest of the block: W1 -= U1[i, i+1:]^T err
+            W1[i + 1 :].addmm_(U1[i : i + 1, i + 1 :].t(), Err1[i : i + 1], alpha=-1)
+        Q[:, i1:i2] = Q1.t()
+        Qint[:, i1:i2] = Qint1.t()
+        loss += Err1.square().sum() / 2  # IST's Losses: (w - q)^2 / d^2 / 2
+        W[:, i2:].addmm_(Err1.t(), U[i1:i2, i2:], alpha=-1)  # lazy batch update of later columns
+
+    if static:
+        scale_G, zero_G = static_scale, static_zero  # (G, N), natural group order (A5)
+    elif grouped:
+        scale_G, zero_G = torch.stack(scales), torch.stack(zeros)  # (G, N), quantization order
+    else:
+        scale_G, zero_G = scale[None], zero[None]  # (1, N)
+    g_idx = torch.arange(K, dtype=torch.int32, device=W.device) // gs
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        Q, Qint = Q[:, invperm], Qint[:, invperm]
+        if not static:
+            g_idx = g_idx[invperm]  # groups are contiguous in quantization order (A5)
+    weight = QuantizedWeight(
+        intweight=Qint.contiguous(),
+        scales=scale_G.half(),  # exact: the scales are fp16 values already
+        zeros=zero_G.to(torch.int32),
+        g_idx=g_idx,
+        bits=bits,
+    )
+    return GPTQResult(weight=weight, fake=Q.contiguous(), loss=loss.item(), damp_percent=damp)
+

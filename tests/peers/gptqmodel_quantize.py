@@ -1,0 +1,97 @@
+"""Quantize a local HF folder with GPTQModel (classic GPTQ) — runs in the PEER venv only.
+
+    GPTQMODEL_CPU_WORKERS=2 PEER_PY gptqmodel_quantize.py MODEL_DIR OUT_DIR \
+        --bits 4 --group-size 32 --desc-act --sym --format gptq --damp 0.1 \
+        --examples calib.safetensors
+
+`--examples` holds one `[n, seqlen]` int64 tensor `input_ids`; the caller hands the same windows to
+quantpress, so the two tools see identical calibration data. Settings are pinned to the classic
+algorithm (spec B): act_group_aware off (GPTQModel's default "GAR" reorders groups), mse 0,
+static_groups off, no rotation, no GPTAQ/FOEM, RTN fallback off, fp32 Hessian staging.
+
+Run it from a scratch directory: GPTQModel writes `./logs/` into the cwd. quantpress never imports
+this file; the test suite runs it through `subprocess` with the peer interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Must be set before gptqmodel is imported: on a 2-core box its default worker count asks the
+# 'cpu' device pool for 2 workers while the parent pool has 1, and quantize() aborts.
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--bits", type=int, required=True, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, required=True)
+    p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, required=True)
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--asym", dest="sym", action="store_false")
+    p.add_argument("--format", choices=["gptq", "gptq_v2"], default="gptq")
+    p.add_argument("--damp", type=float, default=0.1)
+    p.add_argument("--examples", required=True, help="safetensors file with int64 input_ids [n, seqlen]")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype GPTQModel loads the source in (fp16 matmul on CPU is ~50x slower)")
+    args = p.parse_args(argv)
+    if args.sym is None:
+        p.error("pass --sym or --asym")
+    return args
+
+
+def calibration_rows(path: str) -> list[dict[str, torch.Tensor]]:
+    """GPTQModel's calibration format: one dict per sequence, with an all-ones attention mask."""
+    ids = load_file(path)["input_ids"]
+    if ids.dtype != torch.int64 or ids.dim() != 2:
+        raise SystemExit(f"{path}: input_ids must be int64 [n, seqlen], got {ids.dtype} {tuple(ids.shape)}")
+    return [{"input_ids": row[None, :], "attention_mask": torch.ones_like(row)[None, :]} for row in ids]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from gptqmodel import GPTQModel, QuantizeConfig, __version__
+
+    qcfg = QuantizeConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        desc_act=args.desc_act,
+        sym=args.sym,
+        format=args.format,
+        damp_percent=args.damp,
+        act_group_aware=False,
+        static_groups=False,
+        mse=0.0,
+        true_sequential=True,
+        fallback=None,  # default Fallback() silently RTN-quantizes modules it deems under-calibrated
+        device="cpu",  # with device in the config, GPTQModel.load must get no device= argument
+        # Default True stages layers in a random /tmp/gptqmodel_* dir and records that path in
+        # the saved config.json, which would make every regenerated fixture differ textually.
+        offload_to_disk=False,
+    )
+    start = time.perf_counter()
+    model = GPTQModel.load(args.model_dir, qcfg, dtype=getattr(torch, args.dtype))
+    rows = calibration_rows(args.examples)
+    # calibration_sort=None keeps the caller's order (the default "desc" sorts by length; ours
+    # are equal-length, but an unstable sort could still permute them and change H's rounding).
+    model.quantize(rows, batch_size=1, calibration_sort=None)
+    model.save(args.out_dir)
+    print(json.dumps({
+        "gptqmodel": __version__,
+        "seconds": round(time.perf_counter() - start, 1),
+        "out_dir": args.out_dir,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -104,7 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Defaults = the settings the bundled tiny-llama was trained with (see its training_report.json).
 DEFAULT_PRESET = "tiny-llama"
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 720
 DEFAULT_BATCH_SIZE = 16  # windows of max_position_embeddings tokens per step
 DEFAULT_LR = 2e-3
 DEFAULT_SEED = 1234
@@ -283,6 +283,9 @@ def train(
     model.train()
     start = last = time.perf_counter()
     running, running_n = 0.0, 0
+    # Early-stopping safety net: the data is small (many passes over it), so keep the weights of
+    # the best held-out loss seen, nanoGPT-style. With a well-sized run that is the last step.
+    best: dict[str, Any] = {"val_loss": math.inf, "step": 0, "state": None}
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
@@ -305,10 +308,17 @@ def train(
             if done % eval_every == 0 or done == steps:
                 entry["val_loss"] = heldout_loss(model, val_windows, bf16)
                 line += f" | val {entry['val_loss']:.4f}"
+                if entry["val_loss"] < best["val_loss"]:
+                    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best = {"val_loss": entry["val_loss"], "step": done, "state": state}
             print(line, flush=True)
             history.append(entry)
             running, running_n, last = 0.0, 0, time.perf_counter()
-    return {"wall_time_s": time.perf_counter() - start, "history": history}
+    wall_time_s = time.perf_counter() - start
+    if best["step"] != steps:
+        print(f"restoring step {best['step']} (best held-out loss {best['val_loss']:.4f})", flush=True)
+        model.load_state_dict(best["state"])
+    return {"wall_time_s": wall_time_s, "history": history, "best_step": best["step"]}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -476,8 +486,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--log-every", type=int, default=20)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=40)
     return parser.parse_args(argv)
 
 
@@ -538,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         log_every=args.log_every,
         eval_every=args.eval_every,
     )
-    final = result["history"][-1]
+    final = next(h for h in result["history"] if h["step"] == result["best_step"])
 
     # Save, reload, evaluate ------------------------------------------------------------------------
     save_model(model, partial)
@@ -569,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
         "tokens_seen": tokens_seen,
         "training_wall_time_s": round(result["wall_time_s"], 1),
         "total_wall_time_s": round(time.perf_counter() - total_start, 1),
+        "saved_step": result["best_step"],
         "final_train_loss": final["train_loss"],
         "final_val_loss": final["val_loss"],
         "perplexity": ppl,

@@ -35,7 +35,7 @@ from quantpress.formats.hf_folder import (
     atomic_save_tensors,
     atomic_write_json,
     copy_side_files,
-    slice_nbytes,
+    TensorEntry,
     write_sharded,
 )
 from quantpress.layerwise import LayerInputs, ModuleResult, capture_layer_inputs, forward_layer, quantize_layer
@@ -255,15 +255,15 @@ def _assemble(source, staging, arch, config, quant, calibration, fmt, max_shard_
     handles = [safe_open(str(p), framework="pt") for p in layer_files]
     owner = {name: h for h in handles for name in h.keys()}
     outside = [n for n in source.names() if not n.startswith(arch.layers + ".")]
-    sizes = [(n, source.nbytes(n)) for n in outside]
-    sizes += [(n, slice_nbytes(owner[n].get_slice(n))) for n in sorted(owner, key=_layer_order)]
+    entries = [source.entry(n) for n in outside]
+    entries += [TensorEntry.of_slice(n, owner[n].get_slice(n)) for n in sorted(owner, key=_layer_order)]
 
     def load(name: str) -> Tensor:
         return owner[name].get_tensor(name) if name in owner else source.get(name)
 
     metadata = {"format": "pt", "quantizer": f"quantpress:{__version__}", "bits": str(quant.bits),
                 "group_size": str(quant.group_size), "checkpoint_format": fmt.value}
-    write_sharded(staging, sizes, load, max_shard_bytes, metadata)
+    write_sharded(staging, entries, load, max_shard_bytes, metadata)
     qconfig = quantize_config_dict(quant, calibration if quant.method is Method.GPTQ else None, fmt,
                                    tool_version=__version__, model_name_or_path=source.config.get("_name_or_path"))
     atomic_write_json(staging / "quantize_config.json", qconfig)

@@ -9,11 +9,14 @@ the quantization pipeline reads one decoder layer at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -120,20 +123,12 @@ class ModelFolder:
             raise CheckpointError(f"tensor {name} not found in {self.path}")
         return list(self._handles[name].get_slice(name).get_shape())  # type: ignore[attr-defined]
 
-    def nbytes(self, name: str) -> int:
-        return slice_nbytes(self._handles[name].get_slice(name))  # type: ignore[attr-defined]
+    def entry(self, name: str) -> TensorEntry:
+        return TensorEntry.of_slice(name, self._handles[name].get_slice(name))  # type: ignore[attr-defined]
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def slice_nbytes(sl) -> int:
-    """Size of a tensor from its safetensors header (a `safe_open(...).get_slice(name)`)."""
-    numel = 1
-    for dim in sl.get_shape():
-        numel *= dim
-    return numel * _DTYPE_BYTES[sl.get_dtype()]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -158,38 +153,85 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     os.replace(tmp, path)
 
 
-def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
-    """Group tensor names into shards of at most `max_shard_bytes` (a single larger tensor gets its own)."""
-    shards: list[list[str]] = [[]]
+@dataclass(frozen=True)
+class TensorEntry:
+    """What a safetensors header says about a tensor, known before its data is loaded."""
+
+    name: str
+    dtype: str  # safetensors code: "F32", "BF16", "I32", ...
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _DTYPE_BYTES[self.dtype]
+
+    @classmethod
+    def of_slice(cls, name: str, sl) -> TensorEntry:
+        return cls(name, sl.get_dtype(), tuple(sl.get_shape()))
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+def stream_safetensors(path: Path, entries: list[TensorEntry], load: Callable[[str], torch.Tensor],
+                       metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time (the library's save_file needs all of them
+    in memory at once). Layout: u64 little-endian header length, JSON header with contiguous
+    `data_offsets`, padded with spaces to 8 bytes, then the raw little-endian tensor bytes."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for e in entries:
+            tensor = load(e.name)
+            if tensor.dtype != _TORCH_DTYPES[e.dtype] or tuple(tensor.shape) != e.shape:
+                raise CheckpointError(f"{e.name}: expected {e.dtype} {list(e.shape)}, got {tensor.dtype} {list(tensor.shape)}")
+            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plan_shards(entries: Iterable[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
+    """Group tensors into shards of at most `max_shard_bytes` (a single larger tensor gets its own)."""
+    shards: list[list[TensorEntry]] = [[]]
     used = 0
-    for name, size in sizes:
-        if shards[-1] and used + size > max_shard_bytes:
+    for entry in entries:
+        if shards[-1] and used + entry.nbytes > max_shard_bytes:
             shards.append([])
             used = 0
-        shards[-1].append(name)
-        used += size
+        shards[-1].append(entry)
+        used += entry.nbytes
     return shards
 
 
 def write_sharded(
     folder: Path,
-    sizes: list[tuple[str, int]],
-    load: callable,  # name -> Tensor; called shard by shard so memory holds one shard at a time
+    entries: list[TensorEntry],
+    load: Callable[[str], torch.Tensor],
     max_shard_bytes: int,
     metadata: dict[str, str] | None = None,
 ) -> list[str]:
-    """Write `model.safetensors`, or HF-style shards plus an index when over `max_shard_bytes`."""
-    shards = plan_shards(sizes, max_shard_bytes)
+    """Write `model.safetensors`, or HF-style shards plus an index when over `max_shard_bytes`.
+    Tensors are loaded one at a time, so memory stays at the largest tensor."""
+    shards = plan_shards(entries, max_shard_bytes)
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [
-        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
-    ]
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map: dict[str, str] = {}
     for file_name, shard in zip(names, shards):
-        atomic_save_tensors(folder / file_name, {name: load(name) for name in shard}, metadata)
-        weight_map.update(dict.fromkeys(shard, file_name))
+        stream_safetensors(folder / file_name, shard, load, metadata)
+        weight_map.update(dict.fromkeys((e.name for e in shard), file_name))
     if n > 1:
-        total = sum(size for _, size in sizes)
+        total = sum(e.nbytes for e in entries)
         atomic_write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names
 
@@ -202,7 +244,3 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-def iter_tensor_files(folder: Path) -> Iterator[Path]:
-    yield from sorted(folder.glob("*.safetensors"))

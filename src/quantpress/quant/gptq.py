@@ -37,6 +37,7 @@ class HessianAccumulator:
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.nsamples = 0
 
+    @torch.no_grad()
     def add_batch(self, inp: Tensor) -> None:
         """Add a Linear input [B, T, K] (or [T, K], one sequence), any float dtype."""
         K = self.H.shape[0]
@@ -132,6 +133,7 @@ class GPTQResult:
     damp_percent: float
 
 
+@torch.no_grad()  # a Parameter passed in must not make the loop build an autograd graph
 def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     """Quantize W [N, K] (out, in) with GPTQ given the input Hessian H [K, K] (spec B3, A5).
 
@@ -167,7 +169,7 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
         static_scale, static_zero = group_params(W, gs, bits=bits, sym=cfg.sym, mse=cfg.mse)
     perm = None
     if cfg.act_order:
-        # quantize the columns with the largest curvature first: their error is cheapest to fix
+        # largest curvature first, while many unquantized columns remain to absorb their error
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]

@@ -1,0 +1,119 @@
+"""Bad input gets a clear error and leaves nothing that looks finished; interrupted runs resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import quantpress
+from quantpress import CalibrationConfig, QuantConfig
+from quantpress.errors import (
+    CalibrationError,
+    CheckpointError,
+    ConfigError,
+    NonFiniteError,
+    OutputExistsError,
+    UnsupportedArchitecture,
+)
+
+QUANT = QuantConfig(bits=4, group_size=32, act_order=True)
+CALIB = CalibrationConfig(nsamples=8, seqlen=64)
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_llama):
+    return shutil.copytree(tiny_llama, tmp_path / "src")
+
+
+def assert_nothing_finished(out):
+    assert not out.exists()
+    partial = out.with_name(out.name + ".partial")
+    assert not (partial / "config.json").exists() and not (partial / "model.safetensors").exists()
+
+
+def test_interrupted_run_resumes_to_identical_output(tmp_path, tiny_llama, examples):
+    reference = quantpress.quantize(tiny_llama, tmp_path / "ref", QUANT, CALIB, examples=examples)
+
+    def stop_after_first_layer(stage, done, total):
+        if done == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples, progress=stop_after_first_layer)
+    assert_nothing_finished(out)
+
+    resumed = quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples)
+    assert resumed.resumed_layers == 1
+    assert load_file(out / "model.safetensors").keys() == load_file(reference.out_dir / "model.safetensors").keys()
+    for name, tensor in load_file(reference.out_dir / "model.safetensors").items():
+        assert torch.equal(load_file(out / "model.safetensors")[name], tensor), name
+    assert not out.with_name("out.partial").exists()
+
+
+def test_staging_from_other_settings_is_discarded(tmp_path, tiny_llama, examples):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples,
+                            progress=lambda s, d, t: (_ for _ in ()).throw(KeyboardInterrupt))
+    report = quantpress.quantize(tiny_llama, out, QuantConfig(bits=3, group_size=32), CALIB, examples=examples)
+    assert report.resumed_layers == 0
+    assert json.loads((out / "quantize_config.json").read_text())["bits"] == 3
+
+
+def test_existing_output_is_not_replaced_without_overwrite(tmp_path, tiny_llama, examples):
+    out = quantpress.quantize(tiny_llama, tmp_path / "out", QUANT, CALIB, examples=examples).out_dir
+    with pytest.raises(OutputExistsError):
+        quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples)
+    report = quantpress.quantize(tiny_llama, out, QuantConfig(bits=8), CALIB, examples=examples, overwrite=True)
+    assert json.loads((report.out_dir / "quantize_config.json").read_text())["bits"] == 8
+
+
+def test_truncated_weights_name_the_file(tmp_path, model_copy, examples):
+    weights = model_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
+        quantpress.quantize(model_copy, tmp_path / "out", QUANT, CALIB, examples=examples)
+    with pytest.raises(CheckpointError, match="truncated"):
+        quantpress.load(model_copy)
+    assert_nothing_finished(tmp_path / "out")
+
+
+def test_unsupported_architecture_lists_supported_ones(tmp_path, model_copy, examples):
+    config = json.loads((model_copy / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitecture, match="'gpt2'.*supported: llama, mistral, qwen2"):
+        quantpress.quantize(model_copy, tmp_path / "out", QUANT, CALIB, examples=examples)
+    assert_nothing_finished(tmp_path / "out")
+
+
+def test_nan_weights_are_refused_naming_the_tensor(tmp_path, model_copy, examples):
+    weights = model_copy / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match="layer 1.*mlp.up_proj.weight"):
+        quantpress.quantize(model_copy, tmp_path / "out", QUANT, CALIB, examples=examples)
+    assert_nothing_finished(tmp_path / "out")
+
+
+def test_empty_calibration_file(tmp_path, tiny_llama):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CalibrationError, match="contains no text"):
+        quantpress.quantize(tiny_llama, tmp_path / "out", QUANT, CalibrationConfig(str(empty), 8, 64))
+    short = tmp_path / "short.txt"
+    short.write_text("t4 t5 t6")
+    with pytest.raises(CalibrationError, match="has 3 tokens"):
+        quantpress.quantize(tiny_llama, tmp_path / "out", QUANT, CalibrationConfig(str(short), 8, 64))
+    assert_nothing_finished(tmp_path / "out")
+
+
+def test_calibration_longer_than_the_model_allows(tmp_path, tiny_llama):
+    with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings 256"):
+        quantpress.quantize(tiny_llama, tmp_path / "out", QUANT, CalibrationConfig(nsamples=2, seqlen=512))

@@ -31,7 +31,6 @@ import shlex
 import shutil
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Defaults = the settings the bundled tiny-llama was trained with (see its training_report.json).
 DEFAULT_PRESET = "tiny-llama"
-DEFAULT_STEPS = 720
+DEFAULT_STEPS = 500
 DEFAULT_BATCH_SIZE = 16  # windows of max_position_embeddings tokens per step
 DEFAULT_LR = 2e-3
 DEFAULT_SEED = 1234

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,15 +18,6 @@ from quantpress.quant.gptq import (
 )
 from quantpress.quant.quantizer import max_level
 from quantpress.quant.rtn import rtn_quantize
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: intra-op threads only add sync cost, ~10x on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def correlated_inputs(T: int, K: int, seed: int) -> torch.Tensor:

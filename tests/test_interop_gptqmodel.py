@@ -25,7 +25,6 @@ Tolerances, from measurement (tiny models of tests/peers/tiny_models.py, |logits
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,11 +35,9 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 import quantpress
+from peers import regenerate_fixtures as regen
+from peers import tiny_models
 from quantpress.config import CalibrationConfig, QuantConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
-import regenerate_fixtures as regen  # noqa: E402
-import tiny_models  # noqa: E402
 
 LOGIT_ATOL = 0.05  # fp32 dequant (quantpress) vs GPTQModel's fp16 dequant; see module docstring
 EXACT_ATOL = 1e-4  # same arithmetic, only matmul summation order may differ across CPUs
@@ -329,35 +326,35 @@ def test_gptqmodel_regenerates_committed_fixture(tmp_path: Path) -> None:
         if not torch.equal(fresh.ckpt.tensors[k], v)
     }
     assert not differing, f"GPTQModel output changed: {differing}"
-    assert {k: fresh.ckpt.qconfig[k] for k in ("bits", "group_size", "desc_act", "sym", "checkpoint_format")} \
-        == {k: committed.ckpt.qconfig[k] for k in ("bits", "group_size", "desc_act", "sym", "checkpoint_format")}
+    fields = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
+    assert {k: fresh.ckpt.qconfig[k] for k in fields} == {k: committed.ckpt.qconfig[k] for k in fields}
     assert torch.equal(fresh.input_ids, committed.input_ids)
     assert max_abs(fresh.logits, committed.logits) <= EXACT_ATOL
 
 
+def _qc(bits: int, group_size: int, act_order: bool, sym: bool) -> QuantConfig:
+    return QuantConfig(bits=bits, group_size=group_size, act_order=act_order, sym=sym,
+                       damp_percent=regen.DAMP)
+
+
+# case -> (conftest source-model fixture, settings); asym is written as v2 by quantpress.
 QUANTPRESS_CASES = {
-    "llama_4b_g32_act_sym": ("llama", QuantConfig(bits=4, group_size=32, act_order=True, sym=True, damp_percent=0.1)),
-    "llama_3b_g64_act_sym": ("llama", QuantConfig(bits=3, group_size=64, act_order=True, sym=True, damp_percent=0.1)),
-    "llama_4b_g32_act_asym": ("llama", QuantConfig(bits=4, group_size=32, act_order=True, sym=False, damp_percent=0.1)),
-    "qwen2_4b_g64_sym": ("qwen2", QuantConfig(bits=4, group_size=64, act_order=False, sym=True, damp_percent=0.1)),
+    "llama_4b_g32_act_sym_v1": ("tiny_llama", _qc(4, 32, act_order=True, sym=True)),
+    "llama_3b_g64_act_sym_v1": ("tiny_llama", _qc(3, 64, act_order=True, sym=True)),
+    "llama_4b_g32_act_asym_v2": ("tiny_llama", _qc(4, 32, act_order=True, sym=False)),
+    "qwen2_4b_g64_sym_v1": ("tiny_qwen2", _qc(4, 64, act_order=False, sym=True)),  # q/k/v biases
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_source(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("tiny_src")
-    return lambda arch: tiny_models.save_tiny_model(root / arch, arch, seed=regen.SOURCE_SEED) \
-        if not (root / arch).exists() else root / arch
 
 
 @pytest.mark.peer
 @needs_peer
 @pytest.mark.parametrize("case", sorted(QUANTPRESS_CASES))
-def test_quantpress_checkpoint_loads_in_gptqmodel(case: str, tiny_source, tmp_path: Path) -> None:
-    arch, qconfig = QUANTPRESS_CASES[case]
+def test_quantpress_checkpoint_loads_in_gptqmodel(case: str, request: pytest.FixtureRequest,
+                                                  tmp_path: Path) -> None:
+    source_fixture, qconfig = QUANTPRESS_CASES[case]
     calib_ids = load_file(str(regen.FIXTURES_DIR / "calibration.safetensors"))["input_ids"]
     out = tmp_path / case
-    quantpress.quantize(tiny_source(arch), out, qconfig,
+    quantpress.quantize(request.getfixturevalue(source_fixture), out, qconfig,
                         CalibrationConfig(nsamples=calib_ids.shape[0], seqlen=calib_ids.shape[1]),
                         examples=calib_ids)
     ckpt = read_checkpoint(out)

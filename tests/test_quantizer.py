@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,15 +10,6 @@ from quantpress.config import QuantConfig
 from quantpress.errors import NonFiniteError
 from quantpress.quant.quantizer import FP16_TINY, find_params, group_params, max_level, quantize
 from quantpress.quant.rtn import rtn_quantize
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: intra-op threads only add sync cost, ~10x on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 BITS = (2, 3, 4, 8)

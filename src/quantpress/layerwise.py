@@ -103,7 +103,7 @@ def collect_hessians(
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]  # [B, T, K]
             if accumulators[group] is None:
-                accumulators[group] = HessianAccumulator(x.shape[-1])
+                accumulators[group] = HessianAccumulator(x.shape[-1], device=x.device)
             accumulators[group].add_batch(x)
             if last:
                 raise _StopForward  # nothing after this module is needed for these Hessians

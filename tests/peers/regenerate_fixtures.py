@@ -30,10 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 PEERS_DIR = Path(__file__).resolve().parent
-if str(PEERS_DIR) not in sys.path:  # run as a script or imported by path from the tests
-    sys.path.insert(0, str(PEERS_DIR))
-
-import tiny_models  # noqa: E402
+if __package__:  # imported by the tests as peers.regenerate_fixtures
+    from . import tiny_models
+else:  # run as a script: tests/peers is sys.path[0]
+    import tiny_models
 
 FIXTURES_DIR = PEERS_DIR.parent / "fixtures" / "gptqmodel"
 PEER_ENV_VAR = "QUANTPRESS_PEER_GPTQMODEL_PYTHON"

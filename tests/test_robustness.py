@@ -53,6 +53,9 @@ def test_interrupted_run_resumes_to_identical_output(tmp_path, tiny_llama, examp
     for name, tensor in load_file(reference.out_dir / "model.safetensors").items():
         assert torch.equal(load_file(out / "model.safetensors")[name], tensor), name
     assert not out.with_name("out.partial").exists()
+    log = json.loads((out / "quantize_log.json").read_text())
+    assert log == json.loads((reference.out_dir / "quantize_log.json").read_text())  # layer 0 survived the resume
+    assert [m["name"] for m in log][:2] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
 
 
 def test_staging_from_other_settings_is_discarded(tmp_path, tiny_llama, examples):

@@ -17,6 +17,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,26 +100,24 @@ def quantize(
         raise OutputExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
     if quant.method is Method.GPTQ and calibration is None:
         raise ConfigError("GPTQ needs a calibration config (only RTN runs without data)")
+    if quant.method is Method.RTN:
+        calibration = examples = None  # RTN reads no data; nothing about data goes in its config
 
     with ModelFolder(model_dir) as source:
         arch = architecture_for(source.config)
         config = hf_config(source.config)
         _check_packable(source, arch, config, quant)
-        if quant.method is Method.GPTQ:
+        if calibration is not None:
             examples = _resolve_examples(source.path, config, calibration, examples)
-        fingerprint = _fingerprint(source, quant, calibration if quant.method is Method.GPTQ else None, examples)
-        done = _prepare_staging(staging, fingerprint)
-        stats = _quantize_layers(source, arch, config, quant, examples, staging, done, batch_size, progress)
-        fmt = checkpoint_format_for(quant)
-        _assemble(source, staging, arch, config, quant, calibration, fmt, max_shard_bytes)
-        _write_log(staging, stats)
+        done = _prepare_staging(staging, _fingerprint(source, quant, calibration, examples))
+        _quantize_layers(source, arch, config, quant, examples, staging, done, batch_size, progress)
+        _assemble(source, staging, arch, quant, calibration, max_shard_bytes)
+        stats = _write_log(staging)
 
     _publish(staging, out_dir, overwrite)
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
-    return QuantizeReport(
-        out_dir, quant, calibration if quant.method is Method.GPTQ else None, checkpoint_format_for(quant),
-        time.perf_counter() - started, size, config.num_hidden_layers, done, stats,
-    )
+    return QuantizeReport(out_dir, quant, calibration, checkpoint_format_for(quant), time.perf_counter() - started,
+                          size, config.num_hidden_layers, done, stats)
 
 
 def _check_packable(source: ModelFolder, arch: Architecture, config, quant: QuantConfig) -> None:
@@ -174,7 +173,7 @@ def _prepare_staging(staging: Path, fingerprint: dict) -> int:
         log.info("discarding %s: it was made with other settings", staging)
         shutil.rmtree(staging)
     (staging / "layers").mkdir(parents=True)
-    atomic_write_json(manifest, {"fingerprint": fingerprint, "layers_done": 0})
+    atomic_write_json(manifest, {"fingerprint": fingerprint, "layers_done": 0, "modules": []})
     return 0
 
 
@@ -182,7 +181,7 @@ def _layer_file(staging: Path, index: int) -> Path:
     return staging / "layers" / f"layer-{index:05d}.safetensors"
 
 
-def _quantize_layers(source, arch, config, quant, examples, staging, done, batch_size, progress) -> list[ModuleStat]:
+def _quantize_layers(source, arch, config, quant, examples, staging, done, batch_size, progress) -> None:
     model = build_on_meta(config, CALIBRATION_DTYPE)
     materialize_buffers(model)
     base = model.get_submodule(arch.layers.rpartition(".")[0])
@@ -194,7 +193,6 @@ def _quantize_layers(source, arch, config, quant, examples, staging, done, batch
         inputs = capture_layer_inputs(base, layers, examples)
         release(embed)
 
-    stats: list[ModuleStat] = []
     total = len(layers)
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}."
@@ -206,13 +204,11 @@ def _quantize_layers(source, arch, config, quant, examples, staging, done, batch
         else:
             results = quantize_layer(layer, arch, inputs, quant, batch_size=batch_size, where=f"{prefix}")
             _stage_layer(staging, i, prefix, state, results, checkpoint_format_for(quant))
-            stats += [ModuleStat(prefix + r.name, r.loss, r.damp_percent) for r in results]
         if inputs is not None and i + 1 < total:
             inputs = LayerInputs(forward_layer(layer, inputs, batch_size), inputs.kwargs)
         release(layer)
         if progress is not None:
             progress("layer", i + 1, total)
-    return stats
 
 
 def _embed_key(model: torch.nn.Module, embed: torch.nn.Module) -> str:
@@ -230,10 +226,13 @@ def _stage_layer(staging: Path, index: int, prefix: str, state: dict, results: l
         if r.bias is not None:
             tensors[f"{prefix}{r.name}.bias"] = r.bias
     atomic_save_tensors(_layer_file(staging, index), tensors)
+    # The layer file is complete on disk before the manifest counts it: a kill between the two
+    # just redoes this layer.
     manifest = staging / "progress.json"
-    state_json = json.loads(manifest.read_text())
-    state_json["layers_done"] = index + 1
-    atomic_write_json(manifest, state_json)
+    progress = json.loads(manifest.read_text())
+    progress["layers_done"] = index + 1
+    progress["modules"] += [asdict(ModuleStat(prefix + r.name, r.loss, r.damp_percent)) for r in results]
+    atomic_write_json(manifest, progress)
 
 
 def _load_staged_into(layer, file: Path, prefix: str, arch: Architecture, quant: QuantConfig) -> None:
@@ -249,11 +248,23 @@ def _load_staged_into(layer, file: Path, prefix: str, arch: Architecture, quant:
                 linear.bias.data = f.get_tensor(f"{prefix}{name}.bias").to(linear.bias.dtype)
 
 
-def _assemble(source, staging, arch, config, quant, calibration, fmt, max_shard_bytes) -> None:
+def _assemble(source, staging, arch, quant, calibration, max_shard_bytes) -> None:
     """Final weight files + configs, all inside the staging folder."""
-    layer_files = sorted((staging / "layers").glob("layer-*.safetensors"))
-    handles = [safe_open(str(p), framework="pt") for p in layer_files]
-    owner = {name: h for h in handles for name in h.keys()}
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(p), framework="pt"))
+                   for p in sorted((staging / "layers").glob("layer-*.safetensors"))]
+        owner = {name: h for h in handles for name in h.keys()}
+        _write_weights(source, owner, arch, quant, staging, max_shard_bytes)
+    fmt = checkpoint_format_for(quant)
+    qconfig = quantize_config_dict(quant, calibration, fmt, tool_version=__version__,
+                                   model_name_or_path=source.config.get("_name_or_path"))
+    atomic_write_json(staging / "quantize_config.json", qconfig)
+    atomic_write_json(staging / "config.json", {**source.config, "quantization_config": qconfig})
+    copy_side_files(source.path, staging)
+
+
+def _write_weights(source, owner: dict, arch, quant, staging, max_shard_bytes) -> None:
+    """Tensors outside the layers come from the source, layer tensors from the staged files."""
     outside = [n for n in source.names() if not n.startswith(arch.layers + ".")]
     entries = [source.entry(n) for n in outside]
     entries += [TensorEntry.of_slice(n, owner[n].get_slice(n)) for n in sorted(owner, key=_layer_order)]
@@ -262,13 +273,8 @@ def _assemble(source, staging, arch, config, quant, calibration, fmt, max_shard_
         return owner[name].get_tensor(name) if name in owner else source.get(name)
 
     metadata = {"format": "pt", "quantizer": f"quantpress:{__version__}", "bits": str(quant.bits),
-                "group_size": str(quant.group_size), "checkpoint_format": fmt.value}
+                "group_size": str(quant.group_size), "checkpoint_format": checkpoint_format_for(quant).value}
     write_sharded(staging, entries, load, max_shard_bytes, metadata)
-    qconfig = quantize_config_dict(quant, calibration if quant.method is Method.GPTQ else None, fmt,
-                                   tool_version=__version__, model_name_or_path=source.config.get("_name_or_path"))
-    atomic_write_json(staging / "quantize_config.json", qconfig)
-    atomic_write_json(staging / "config.json", {**source.config, "quantization_config": qconfig})
-    copy_side_files(source.path, staging)
 
 
 def _layer_order(name: str) -> tuple[int, str]:
@@ -277,9 +283,11 @@ def _layer_order(name: str) -> tuple[int, str]:
     return index, name
 
 
-def _write_log(staging: Path, stats: list[ModuleStat]) -> None:
-    if stats:
-        atomic_write_json(staging / "quantize_log.json", [asdict(s) for s in stats])
+def _write_log(staging: Path) -> list[ModuleStat]:
+    """Per-module GPTQ loss and damping of every layer, including layers from an earlier run."""
+    modules = json.loads((staging / "progress.json").read_text())["modules"]
+    atomic_write_json(staging / "quantize_log.json", modules)
+    return [ModuleStat(**m) for m in modules]
 
 
 def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:

@@ -7,9 +7,12 @@ Path exercised: `AutoModelForCausalLM.from_pretrained(dir, quantization_config=G
 `TorchLinear` ("gptq_torch" backend: the only GPTQModel kernel that accepts every bits/group size
 on CPU). `bits` is taken from the folder's own config.json; everything else (group size,
 desc_act, sym, checkpoint_format) is read from there by transformers too, as it would be for any
-user. The output file holds `logits` (float32) plus string metadata saying which dtypes the
-forward and the dequantization actually ran in (the latter is the `scales` buffer dtype, since
-TorchLinear computes `scales[g_idx] * (q - z)` in the scales' dtype and only then casts to x's).
+user. The output file holds only `logits` (float32). The last stdout line is a JSON object saying
+which kernel ran and in which dtypes the forward and the dequantization actually ran (the latter is
+the `scales` buffer dtype: TorchLinear computes `scales[g_idx] * (q - z)` in the scales' dtype and
+only then casts to x's), plus tool versions. That is not stored as safetensors metadata because
+the header is serialized from a hash map in random order: the file's bytes would change on every
+regeneration.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         **{pkg: version(pkg) for pkg in ("gptqmodel", "optimum", "transformers", "torch")},
         **quant_module_facts(model),
     }
-    save_file({"logits": logits.float().contiguous()}, args.out, metadata=meta)
+    save_file({"logits": logits.float().contiguous()}, args.out)
     print(json.dumps(meta))
     return 0
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 PEERS_DIR = Path(__file__).resolve().parent
@@ -121,10 +120,10 @@ def gptqmodel_quantize(python: str, src: Path, out: Path, spec: FixtureSpec, cal
 
 
 def gptqmodel_logits(python: str, gptq_dir: Path, ids: Path, out: Path) -> dict[str, str]:
-    """Logits of `gptq_dir` through transformers+GPTQModel; returns the file's metadata."""
-    run_peer(python, "gptqmodel_logits.py", [str(gptq_dir), str(ids), str(out), "--dtype", "float32"])
-    with safe_open(str(out), "pt") as f:
-        return dict(f.metadata() or {})
+    """Logits of `gptq_dir` through transformers+GPTQModel into `out`; returns the run's facts
+    (kernel, forward/dequant dtypes, versions) that the script prints as JSON."""
+    line = run_peer(python, "gptqmodel_logits.py", [str(gptq_dir), str(ids), str(out), "--dtype", "float32"])
+    return json.loads(line)
 
 
 def sha256(path: Path) -> str:

@@ -54,8 +54,8 @@ SYM_V1_QZERO_WORDS = {
 
 needs_peer = pytest.mark.skipif(
     regen.peer_python() is None,
-    reason=f"peer tests need {regen.PEER_ENV_VAR} = python of a GPTQModel 7.x venv "
-           "(recipe: /work/peer/install_gptqmodel.sh or docs in tests/fixtures/gptqmodel/FIXTURE.md)",
+    reason=f"set {regen.PEER_ENV_VAR} to the python of a GPTQModel 7.7 venv "
+           "(recipe in tests/fixtures/gptqmodel/FIXTURE.md)",
 )
 
 
@@ -315,7 +315,7 @@ def test_gptqmodel_regenerates_committed_fixture(tmp_path: Path) -> None:
         load_file(str(calib))["input_ids"],
         tiny_models.calibration_ids(regen.CALIB_N, regen.CALIB_SEQLEN, regen.CALIB_SEED),
     ), "calibration windows are no longer reproducible from their seed"
-    regen.build_fixture(regen.peer_python(), spec, tmp_path / spec.name, tmp_path / "work", calib)
+    regen.build_fixture(regen.require_peer_python(), spec, tmp_path / spec.name, tmp_path / "work", calib)
 
     fresh = fixture_from(tmp_path / spec.name)
     committed = fixture(spec.name)
@@ -362,7 +362,7 @@ def test_quantpress_checkpoint_loads_in_gptqmodel(case: str, request: pytest.Fix
 
     ids_file = regen.write_ids(tmp_path / "input_ids.safetensors", tiny_models.eval_ids(
         regen.EVAL_N, regen.EVAL_SEQLEN, regen.EVAL_SEED))
-    meta = regen.gptqmodel_logits(regen.peer_python(), out, ids_file, tmp_path / "logits.safetensors")
+    meta = regen.gptqmodel_logits(regen.require_peer_python(), out, ids_file, tmp_path / "logits.safetensors")
     assert meta["kernels"] == "TorchLinear" and meta["forward_dtype"] == "torch.float32", meta
     theirs = load_file(str(tmp_path / "logits.safetensors"))["logits"]
     ids = load_file(str(ids_file))["input_ids"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from quantpress.errors import (
     CalibrationError,
     CheckpointError,
     ConfigError,
+    HessianNotPositiveDefinite,
     NonFiniteError,
     OutputExistsError,
     UnsupportedArchitecture,
@@ -120,3 +123,45 @@ def test_empty_calibration_file(tmp_path, tiny_llama):
 def test_calibration_longer_than_the_model_allows(tmp_path, tiny_llama):
     with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings 256"):
         quantpress.quantize(tiny_llama, tmp_path / "out", QUANT, CalibrationConfig(nsamples=2, seqlen=512))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 320 KiB filesystem (tmpfs), so writes fail with a genuine ENOSPC. Needs root."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # tracebacks may still hold mmaps
+
+
+def test_full_disk_loses_nothing_and_resumes(tmp_path, tiny_llama, examples, small_disk):
+    out = small_disk / "out"
+    with pytest.raises(OSError) as info:
+        quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples)
+    assert info.value.errno == errno.ENOSPC
+    assert_nothing_finished(out)
+    partial = out.with_name("out.partial")
+    assert not list(partial.rglob("*.tmp"))  # failed writes leave no debris
+    staged = json.loads((partial / "progress.json").read_text())["layers_done"]
+    assert staged >= 1  # the layers finished before the disk filled are kept
+
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # "free some space"
+    report = quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples)
+    assert report.resumed_layers == staged
+    reference = quantpress.quantize(tiny_llama, tmp_path / "ref", QUANT, CALIB, examples=examples)
+    assert (out / "model.safetensors").read_bytes() == (reference.out_dir / "model.safetensors").read_bytes()
+
+
+def test_a_hessian_that_cannot_be_factored_names_layer_and_module(tmp_path, model_copy, examples):
+    # A norm weight of 1e20 makes q/k/v's inputs ~1e20, so their fp32 Hessian overflows to inf:
+    # no damping can rescue it, and the error must say where it happened.
+    weights = model_copy / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.input_layernorm.weight"].fill_(1e20)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises((HessianNotPositiveDefinite, NonFiniteError), match=r"model\.layers\.1\.self_attn\.q_proj"):
+        quantpress.quantize(model_copy, tmp_path / "out", QUANT, CALIB, examples=examples)
+    assert_nothing_finished(tmp_path / "out")

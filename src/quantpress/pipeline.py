@@ -202,7 +202,7 @@ def _quantize_layers(source, arch, config, quant, examples, staging, done, batch
             if inputs is not None:
                 _load_staged_into(layer, _layer_file(staging, i), prefix, arch, quant)
         else:
-            results = quantize_layer(layer, arch, inputs, quant, batch_size=batch_size, where=f"{prefix}")
+            results = quantize_layer(layer, arch, inputs, quant, batch_size=batch_size, where=prefix.rstrip("."))
             _stage_layer(staging, i, prefix, state, results, checkpoint_format_for(quant))
         if inputs is not None and i + 1 < total:
             inputs = LayerInputs(forward_layer(layer, inputs, batch_size), inputs.kwargs)

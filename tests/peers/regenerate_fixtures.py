@@ -84,9 +84,17 @@ FIXTURES_BY_NAME = {f.name: f for f in FIXTURES}
 
 
 def peer_python() -> str | None:
-    """The peer venv's interpreter from the environment, or None when it is not configured."""
-    value = os.environ.get(PEER_ENV_VAR)
-    return value if value and Path(value).is_file() else None
+    """The peer venv's interpreter from the environment, or None when it is not configured.
+
+    A set-but-wrong path is returned as is, so callers fail loudly instead of skipping."""
+    return os.environ.get(PEER_ENV_VAR) or None
+
+
+def require_peer_python() -> str:
+    python = peer_python()
+    if python is None or not Path(python).is_file():
+        raise FileNotFoundError(f"{PEER_ENV_VAR}={python!r} is not a python executable")
+    return python
 
 
 def run_peer(python: str, script: str, args: list[str], *, timeout: float = 900) -> str:
@@ -182,7 +190,20 @@ and tool versions. `calibration.safetensors` holds the windows every fixture was
     QUANTPRESS_PEER_GPTQMODEL_PYTHON=/path/to/gptqmodel-venv/bin/python \\
         python tests/peers/regenerate_fixtures.py [--only NAME ...]
 
-(peer venv recipe: GPTQModel 7.7.0 + optimum 2.3.0 on torch 2.13 CPU; see FIXTURE.md files).
+The same variable enables the `peer` tests (`pytest -m peer`). Peer venv, CPU only (GPTQModel's
+metadata asks for a newer torch that would pull CUDA wheels, hence the constraint and --no-deps):
+
+    python3 -m venv gm && gm/bin/pip install torch==2.13.0 && echo torch==2.13.0 > constraints.txt
+    gm/bin/pip install -c constraints.txt "accelerate>=1.15.0" "numpy>=2.4.6" "safetensors>=0.8.0" \\
+      "filelock>=4.2.4" "transformers>=5.20.2" "threadpoolctl>=3.7.0" "packaging>=26.3" \\
+      "device-smi>=0.5.7" "protobuf>=7.36.2" "pillow>=13.0.0" "requests>=2.34.2" "pypcre>=0.6.4" \\
+      "tokenicer>=0.0.14" "logbar>=0.4.15" "jinja2>=3.1.6" "ninja>=1.13.2" "maturin>=1.15.0" \\
+      "datasets>=5.1.0" "pyarrow>=26.0.0" "dill>=0.4.1" "torchao>=0.18.0" "defuser>=0.0.28"
+    gm/bin/pip install -c constraints.txt --no-deps gptqmodel==7.7.0
+    gm/bin/pip install -c constraints.txt optimum==2.3.0 tokenizers
+
+GPTQModel compiles CPU kernels into ~/.cache/gptqmodel on first use (~30 s) and needs
+GPTQMODEL_CPU_WORKERS=2 on a 2-core machine (the scripts set it).
 
 | name | arch | bits | group_size | desc_act | sym | checkpoint_format |
 |---|---|---|---|---|---|---|
@@ -222,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=sorted(FIXTURES_BY_NAME), help="fixture names")
     p.add_argument("--out", type=Path, default=FIXTURES_DIR)
     args = p.parse_args(argv)
-    python = peer_python()
-    if python is None:
+    if peer_python() is None:
         p.error(f"set {PEER_ENV_VAR} to the GPTQModel venv's python")
+    python = require_peer_python()
     specs = [FIXTURES_BY_NAME[n] for n in args.only] if args.only else list(FIXTURES)
 
     args.out.mkdir(parents=True, exist_ok=True)

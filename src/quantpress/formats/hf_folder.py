@@ -13,15 +13,15 @@ import math
 import os
 import struct
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from quantpress.errors import CheckpointError
 
@@ -133,13 +133,7 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so readers see either the old content or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp",
-                                     encoding="utf-8") as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def atomic_write_json(path: Path, obj: object) -> None:
@@ -147,10 +141,23 @@ def atomic_write_json(path: Path, obj: object) -> None:
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    _atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)))
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write to `<path>.tmp`, fsync, then rename over `path`. On any failure (a full disk) the
+    temporary file is removed, so a failed write leaves the old file and no debris."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -187,8 +194,8 @@ def stream_safetensors(path: Path, entries: list[TensorEntry], load: Callable[[s
         offset += e.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+
+    def write(f: BinaryIO) -> None:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for e in entries:
@@ -196,9 +203,8 @@ def stream_safetensors(path: Path, entries: list[TensorEntry], load: Callable[[s
             if tensor.dtype != _TORCH_DTYPES[e.dtype] or tuple(tensor.shape) != e.shape:
                 raise CheckpointError(f"{e.name}: expected {e.dtype} {list(e.shape)}, got {tensor.dtype} {list(tensor.shape)}")
             f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    _atomic_write(path, write)
 
 
 def plan_shards(entries: Iterable[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:

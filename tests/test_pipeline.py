@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import quantpress
-from peers.tiny_models import eval_ids
+from peers.tiny_models import eval_ids, save_tiny_model
 from quantpress import CalibrationConfig, QuantConfig
 from quantpress.layerwise import capture_layer_inputs, forward_layer, quantize_layer
 from quantpress.models.arch import LLAMA_LIKE
@@ -64,6 +64,17 @@ def test_round_trip_is_bit_identical(request, tmp_path, examples, model_fixture,
     assert config["bits"] == quant.bits and config["group_size"] == quant.group_size
     assert config["checkpoint_format"] == ("gptq" if quant.sym else "gptq_v2")
     assert json.loads((report.out_dir / "quantize_config.json").read_text()) == config
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_every_family_in_the_table_round_trips(tmp_path, examples, arch):
+    src = save_tiny_model(tmp_path / "src", arch)
+    quant = QuantConfig(bits=4, group_size=32, act_order=True)
+    out = quantpress.quantize(src, tmp_path / "out", quant, CALIB, examples=examples).out_dir
+    reference, _ = in_memory_quantized(src, quant, examples)
+    ids = eval_ids(2, 48)  # longer than mistral's 32-token sliding window
+    with torch.inference_mode():
+        assert torch.equal(quantpress.load(out).model(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
 def test_quantized_logits_approach_full_precision_as_bits_grow(tmp_path, tiny_llama, examples):

@@ -98,6 +98,16 @@ def test_unsupported_architecture_lists_supported_ones(tmp_path, model_copy, exa
     assert_nothing_finished(tmp_path / "out")
 
 
+def test_mixed_attention_layer_types_are_refused(tmp_path, tiny_qwen2, examples):
+    src = shutil.copytree(tiny_qwen2, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=16, max_window_layers=1,
+                  layer_types=["full_attention", "sliding_attention"])
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitecture, match="mix attention types"):
+        quantpress.quantize(src, tmp_path / "out", QUANT, CALIB, examples=examples)
+
+
 def test_nan_weights_are_refused_naming_the_tensor(tmp_path, model_copy, examples):
     weights = model_copy / "model.safetensors"
     tensors = load_file(weights)

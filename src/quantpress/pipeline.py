@@ -28,7 +28,7 @@ from torch import Tensor
 from quantpress import __version__
 from quantpress.calibration import calibration_examples
 from quantpress.config import CalibrationConfig, Method, QuantConfig
-from quantpress.errors import ConfigError, OutputExistsError
+from quantpress.errors import ConfigError, OutputExistsError, UnsupportedArchitecture
 from quantpress.formats.gptq_config import quantize_config_dict
 from quantpress.formats.gptq_tensors import CheckpointFormat, from_gptq_tensors, to_gptq_tensors
 from quantpress.formats.hf_folder import (
@@ -106,6 +106,7 @@ def quantize(
     with ModelFolder(model_dir) as source:
         arch = architecture_for(source.config)
         config = hf_config(source.config)
+        _check_uniform_attention(config)
         _check_packable(source, arch, config, quant)
         if calibration is not None:
             examples = _resolve_examples(source.path, config, calibration, examples)
@@ -118,6 +119,16 @@ def quantize(
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
     return QuantizeReport(out_dir, quant, calibration, checkpoint_format_for(quant), time.perf_counter() - started,
                           size, config.num_hidden_layers, done, stats)
+
+
+def _check_uniform_attention(config) -> None:
+    """Layer inputs are captured once, at layer 0, with layer 0's attention mask; a model that
+    mixes full and sliding-window layers would need one mask per layer type."""
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if len(kinds) > 1:
+        raise UnsupportedArchitecture(
+            f"layers mix attention types {sorted(kinds)}; quantpress supports one attention type per model for now"
+        )
 
 
 def _check_packable(source: ModelFolder, arch: Architecture, config, quant: QuantConfig) -> None:

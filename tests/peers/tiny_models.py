@@ -38,7 +38,12 @@ class TinySpec:
 
 TINY_LLAMA = TinySpec("llama")
 TINY_QWEN2 = TinySpec("qwen2")  # q/k/v carry biases: exercises the GPTQ `.bias` tensors
-SPECS = {"llama": TINY_LLAMA, "qwen2": TINY_QWEN2}
+SPECS = {
+    "llama": TINY_LLAMA,
+    "qwen2": TINY_QWEN2,
+    "mistral": TinySpec("mistral"),  # sliding-window attention
+    "qwen3": TinySpec("qwen3"),  # q/k RMSNorms inside attention
+}
 
 
 def _config(spec: TinySpec):  # -> transformers.PretrainedConfig
@@ -65,6 +70,14 @@ def _config(spec: TinySpec):  # -> transformers.PretrainedConfig
         from transformers import Qwen2Config
 
         return Qwen2Config(**common, use_sliding_window=False)
+    if spec.arch == "mistral":
+        from transformers import MistralConfig
+
+        return MistralConfig(**common, sliding_window=32)  # shorter than the 64-token windows
+    if spec.arch == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**common, head_dim=spec.hidden // spec.heads)
     raise ValueError(f"unknown tiny arch {spec.arch!r}")
 
 

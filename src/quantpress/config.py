@@ -46,6 +46,8 @@ class QuantConfig:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         if not isinstance(self.method, Method):
             object.__setattr__(self, "method", Method(self.method))
+        if self.method is Method.RTN and self.act_order:
+            raise ConfigError("act_order orders columns by the Hessian, which RTN does not compute")
 
 
 @dataclass(frozen=True)

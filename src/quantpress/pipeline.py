@@ -17,12 +17,10 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from quantpress import __version__
@@ -36,7 +34,7 @@ from quantpress.formats.hf_folder import (
     atomic_save_tensors,
     atomic_write_json,
     copy_side_files,
-    TensorEntry,
+    TensorFiles,
     write_sharded,
 )
 from quantpress.layerwise import LayerInputs, ModuleResult, capture_layer_inputs, forward_layer, quantize_layer
@@ -103,17 +101,17 @@ def quantize(
     if quant.method is Method.RTN:
         calibration = examples = None  # RTN reads no data; nothing about data goes in its config
 
-    with ModelFolder(model_dir) as source:
-        arch = architecture_for(source.config)
-        config = hf_config(source.config)
-        _check_uniform_attention(config)
-        _check_packable(source, arch, config, quant)
-        if calibration is not None:
-            examples = _resolve_examples(source.path, config, calibration, examples)
-        done = _prepare_staging(staging, _fingerprint(source, quant, calibration, examples))
-        _quantize_layers(source, arch, config, quant, examples, staging, done, batch_size, progress)
-        _assemble(source, staging, arch, quant, calibration, max_shard_bytes)
-        stats = _write_log(staging)
+    source = ModelFolder(model_dir)
+    arch = architecture_for(source.config)
+    config = hf_config(source.config)
+    _check_uniform_attention(config)
+    _check_packable(source, arch, config, quant)
+    if calibration is not None:
+        examples = _resolve_examples(source.path, config, calibration, examples)
+    done = _prepare_staging(staging, _fingerprint(source, quant, calibration, examples))
+    _quantize_layers(source, arch, config, quant, examples, staging, done, batch_size, progress)
+    _assemble(source, staging, arch, quant, calibration, max_shard_bytes)
+    stats = _write_log(staging)
 
     _publish(staging, out_dir, overwrite)
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
@@ -207,7 +205,7 @@ def _quantize_layers(source, arch, config, quant, examples, staging, done, batch
     total = len(layers)
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}."
-        state = {k[len(prefix):]: source.get(k) for k in source.with_prefix(prefix)}
+        state = {k[len(prefix):]: v for k, v in source.read(source.with_prefix(prefix)).items()}
         assign_weights(layer, state, f"layer {i}")
         if i < done:  # staged by an interrupted run: restore its quantized weights, skip the work
             if inputs is not None:
@@ -249,23 +247,21 @@ def _stage_layer(staging: Path, index: int, prefix: str, state: dict, results: l
 def _load_staged_into(layer, file: Path, prefix: str, arch: Architecture, quant: QuantConfig) -> None:
     """Put a staged layer's dequantized weights into the live layer (resume path). The manifest
     fingerprint matched, so the staged file was written with this same `quant`."""
-    with safe_open(str(file), framework="pt") as f:
-        for name in arch.quantized_modules:
-            tensors = {s: f.get_tensor(f"{prefix}{name}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")}
-            weight = from_gptq_tensors(tensors, quant.bits, checkpoint_format_for(quant))
-            linear = layer.get_submodule(name)
-            linear.weight.data = weight.dequantize().to(linear.weight.dtype)
-            if linear.bias is not None:
-                linear.bias.data = f.get_tensor(f"{prefix}{name}.bias").to(linear.bias.dtype)
+    staged = TensorFiles([file])
+    for name in arch.quantized_modules:
+        tensors = staged.read(f"{prefix}{name}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx"))
+        weight = from_gptq_tensors({k.rpartition(".")[2]: v for k, v in tensors.items()}, quant.bits,
+                                   checkpoint_format_for(quant))
+        linear = layer.get_submodule(name)
+        linear.weight.data = weight.dequantize().to(linear.weight.dtype)
+        if linear.bias is not None:
+            linear.bias.data = staged.get(f"{prefix}{name}.bias").to(linear.bias.dtype)
 
 
 def _assemble(source, staging, arch, quant, calibration, max_shard_bytes) -> None:
     """Final weight files + configs, all inside the staging folder."""
-    with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(p), framework="pt"))
-                   for p in sorted((staging / "layers").glob("layer-*.safetensors"))]
-        owner = {name: h for h in handles for name in h.keys()}
-        _write_weights(source, owner, arch, quant, staging, max_shard_bytes)
+    staged = TensorFiles(sorted((staging / "layers").glob("layer-*.safetensors")))
+    _write_weights(source, staged, arch, quant, staging, max_shard_bytes)
     fmt = checkpoint_format_for(quant)
     qconfig = quantize_config_dict(quant, calibration, fmt, tool_version=__version__,
                                    model_name_or_path=source.config.get("_name_or_path"))
@@ -274,14 +270,14 @@ def _assemble(source, staging, arch, quant, calibration, max_shard_bytes) -> Non
     copy_side_files(source.path, staging)
 
 
-def _write_weights(source, owner: dict, arch, quant, staging, max_shard_bytes) -> None:
+def _write_weights(source: ModelFolder, staged: TensorFiles, arch, quant, staging, max_shard_bytes) -> None:
     """Tensors outside the layers come from the source, layer tensors from the staged files."""
     outside = [n for n in source.names() if not n.startswith(arch.layers + ".")]
     entries = [source.entry(n) for n in outside]
-    entries += [TensorEntry.of_slice(n, owner[n].get_slice(n)) for n in sorted(owner, key=_layer_order)]
+    entries += [staged.entry(n) for n in sorted(staged.names(), key=_layer_order)]
 
     def load(name: str) -> Tensor:
-        return owner[name].get_tensor(name) if name in owner else source.get(name)
+        return staged.get(name) if name in staged.file_of else source.get(name)
 
     metadata = {"format": "pt", "quantizer": f"quantpress:{__version__}", "bits": str(quant.bits),
                 "group_size": str(quant.group_size), "checkpoint_format": checkpoint_format_for(quant).value}

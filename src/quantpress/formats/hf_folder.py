@@ -14,7 +14,6 @@ import os
 import struct
 import shutil
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -67,64 +66,77 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-class ModelFolder:
-    """A model folder opened for lazy, validated tensor access. Use as a context manager."""
+class TensorFiles:
+    """Tensors spread over safetensors files, read on demand.
+
+    Each read opens the file, copies the tensors out and closes it again. safetensors memory-maps
+    a file while it is open, and every page read stays resident in the process until the map is
+    dropped; a handle held for a whole run would make peak memory grow with the model's size,
+    while short reads keep it at what the caller holds (one decoder layer).
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self.file_of: dict[str, Path] = {}
+        self.entries: dict[str, TensorEntry] = {}
+        for file in files:
+            with _open_safetensors(file) as handle:
+                for name in handle.keys():
+                    if name in self.file_of:
+                        raise CheckpointError(f"tensor {name} appears in more than one file")
+                    self.file_of[name] = file
+                    self.entries[name] = TensorEntry.of_slice(name, handle.get_slice(name))
+
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        return [name for name in self.file_of if name.startswith(prefix)]
+
+    def entry(self, name: str) -> TensorEntry:
+        if name not in self.entries:
+            raise CheckpointError(f"tensor {name} not found")
+        return self.entries[name]
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, opening each file involved once."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.file_of:
+                raise CheckpointError(f"tensor {name} not found")
+            by_file.setdefault(self.file_of[name], []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with _open_safetensors(file) as handle:
+                tensors.update({name: handle.get_tensor(name) for name in file_names})
+        return tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.read([name])[name]
+
+
+def _open_safetensors(file: Path):
+    if not file.exists():
+        raise CheckpointError(f"weight file {file.name} listed in the index is missing")
+    try:
+        # safetensors validates the header against the file size here, so a truncated
+        # download fails when the folder is opened, naming the file, instead of mid-run.
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a valid safetensors file (truncated?): {e}") from None
+
+
+class ModelFolder(TensorFiles):
+    """A Hugging Face model folder: its config.json and its weights, validated on opening."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"model folder not found: {self.path}")
         self.config = read_json(self.path / "config.json")
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}  # tensor name -> open safe_open handle
-        try:
-            for file in _weight_files(self.path):
-                handle = self._open(file)
-                for name in handle.keys():
-                    if name in self._handles:
-                        raise CheckpointError(f"tensor {name} appears in more than one file")
-                    self._handles[name] = handle
-        except BaseException:
-            self._stack.close()
-            raise
-
-    def _open(self, file: Path):
-        if not file.exists():
-            raise CheckpointError(f"weight file {file.name} listed in the index is missing")
-        try:
-            # safetensors validates the header against the file size here, so a truncated
-            # download fails now, naming the file, instead of mid-run.
-            return self._stack.enter_context(safe_open(str(file), framework="pt"))
-        except SafetensorError as e:
-            raise CheckpointError(f"{file} is not a valid safetensors file (truncated?): {e}") from None
-
-    def __enter__(self) -> ModelFolder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def names(self) -> list[str]:
-        return list(self._handles)
-
-    def with_prefix(self, prefix: str) -> list[str]:
-        return [name for name in self._handles if name.startswith(prefix)]
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._handles:
-            raise CheckpointError(f"tensor {name} not found in {self.path}")
-        return self._handles[name].get_tensor(name)  # type: ignore[attr-defined]
+        super().__init__(_weight_files(self.path))
 
     def shape(self, name: str) -> list[int]:
-        if name not in self._handles:
-            raise CheckpointError(f"tensor {name} not found in {self.path}")
-        return list(self._handles[name].get_slice(name).get_shape())  # type: ignore[attr-defined]
-
-    def entry(self, name: str) -> TensorEntry:
-        return TensorEntry.of_slice(name, self._handles[name].get_slice(name))  # type: ignore[attr-defined]
+        return list(self.entry(name).shape)
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,

@@ -48,22 +48,22 @@ def read_quantization(folder: ModelFolder) -> GPTQFormatInfo | None:
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> LoadedModel:
     """Load a model folder for inference on CPU; GPTQ weights stay packed in memory."""
-    with ModelFolder(path) as folder:
-        info = read_quantization(folder)
-        model = build_on_meta(hf_config(folder.config), dtype)
-        state = {name: folder.get(name) for name in folder.names()}
-        if info is not None:
-            architecture_for(folder.config)  # clear error for an unsupported family
-            quantized = sorted({n.rpartition(".")[0] for n in state if n.endswith(".qweight")})
-            if not quantized:
-                raise CheckpointError(f"{folder.path} declares GPTQ quantization but holds no qweight tensors")
-            swap_linears(model, quantized, info.bits, info.group_size, info.checkpoint_format)
-            _fill_default_g_idx(model, state, quantized, info)
-        tied = _tied_keys(model)
-        assign_weights(model, state, str(folder.path), allow_missing=tied)
-        if tied:
-            model.tie_weights()
-        materialize_buffers(model)
+    folder = ModelFolder(path)
+    info = read_quantization(folder)
+    model = build_on_meta(hf_config(folder.config), dtype)
+    state = folder.read(folder.names())
+    if info is not None:
+        architecture_for(folder.config)  # clear error for an unsupported family
+        quantized = sorted({n.rpartition(".")[0] for n in state if n.endswith(".qweight")})
+        if not quantized:
+            raise CheckpointError(f"{folder.path} declares GPTQ quantization but holds no qweight tensors")
+        swap_linears(model, quantized, info.bits, info.group_size, info.checkpoint_format)
+        _fill_default_g_idx(model, state, quantized, info)
+    tied = _tied_keys(model)
+    assign_weights(model, state, str(folder.path), allow_missing=tied)
+    if tied:
+        model.tie_weights()
+    materialize_buffers(model)
     _check_materialized(model, Path(path))
     return LoadedModel(model, _load_tokenizer(Path(path)) if tokenizer else None, Path(path), folder.config, info)
 

@@ -83,7 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
         "rms_norm_eps": 1e-5,
     },
-    # For benchmarks on a second architecture (not bundled): ~25M parameters.
+    # For benchmarks on a second architecture (not bundled): ~32.5M parameters.
     "small-mistral": {
         "architecture": "MistralForCausalLM",
         "model_type": "mistral",
@@ -108,7 +108,10 @@ DEFAULT_BATCH_SIZE = 16  # windows of max_position_embeddings tokens per step
 DEFAULT_LR = 2e-3
 DEFAULT_SEED = 1234
 HOLDOUT_FRACTION = 0.05  # tail of each training source held out for validation
-TRAINING_SOURCES = ("wikitext2", "tinyshakespeare")  # quantpress.datasets names, "calibration" split
+TRAINING_SOURCES = (
+    "wikitext2",
+    "tinyshakespeare",
+)  # quantpress.datasets names, "calibration" split
 
 
 def build_config(preset: dict[str, Any]) -> PretrainedConfig:
@@ -124,7 +127,9 @@ def build_config(preset: dict[str, Any]) -> PretrainedConfig:
     for layer in ("hidden_size", "intermediate_size"):
         assert config.to_dict()[layer] % 32 == 0, f"{layer} must be a multiple of 32 for GPTQ"
     head_dim = config.hidden_size // config.num_attention_heads
-    assert (config.num_key_value_heads * head_dim) % 32 == 0, "k/v projection must be a multiple of 32"
+    assert (config.num_key_value_heads * head_dim) % 32 == 0, (
+        "k/v projection must be a multiple of 32"
+    )
     return config
 
 
@@ -209,7 +214,9 @@ class WindowSampler:
         return torch.stack([self.tokens[s : s + self.seqlen] for s in starts.tolist()])
 
 
-def unigram_perplexity(train_tokens: Tensor, test_tokens: Tensor, vocab_size: int, seqlen: int) -> float:
+def unigram_perplexity(
+    train_tokens: Tensor, test_tokens: Tensor, vocab_size: int, seqlen: int
+) -> float:
     """Perplexity of an add-one-smoothed unigram model, on exactly the tokens `perplexity` scores.
 
     The paper's protocol scores positions 1..seqlen-1 of each window (position 0 has no context),
@@ -255,10 +262,12 @@ def lm_loss(model: torch.nn.Module, batch: Tensor, bf16: bool) -> Tensor:
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, windows: Tensor, bf16: bool, batch_size: int = 8) -> float:
     model.eval()
-    losses = [lm_loss(model, windows[i : i + batch_size], bf16) for i in range(0, len(windows), batch_size)]
-    sizes = [len(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
+    total = 0.0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        total += float(lm_loss(model, batch, bf16)) * len(batch)  # weight by windows in batch
     model.train()
-    return float(sum(l * n for l, n in zip(losses, sizes)) / sum(sizes))
+    return total / len(windows)
 
 
 def train(
@@ -298,10 +307,11 @@ def train(
         done = step + 1
         if done % log_every == 0 or done == steps:
             now = time.perf_counter()
+            tokens_per_s = tokens_per_step * running_n / (now - last)
             line = (
-                f"step {done:5d}/{steps} | loss {running / running_n:.4f} | lr {lr_at(step, steps, lr, warmup):.2e}"
-                f" | grad {float(grad_norm):.2f} | {tokens_per_step * running_n / (now - last):,.0f} tok/s"
-                f" | elapsed {now - start:,.0f}s"
+                f"step {done:5d}/{steps} | loss {running / running_n:.4f}"
+                f" | lr {lr_at(step, steps, lr, warmup):.2e} | grad {float(grad_norm):.2f}"
+                f" | {tokens_per_s:,.0f} tok/s | elapsed {now - start:,.0f}s"
             )
             entry: dict[str, float] = {"step": done, "train_loss": running / running_n}
             if done % eval_every == 0 or done == steps:
@@ -315,7 +325,9 @@ def train(
             running, running_n, last = 0.0, 0, time.perf_counter()
     wall_time_s = time.perf_counter() - start
     if best["step"] != steps:
-        print(f"restoring step {best['step']} (best held-out loss {best['val_loss']:.4f})", flush=True)
+        print(
+            f"restoring step {best['step']} (best held-out loss {best['val_loss']:.4f})", flush=True
+        )
         model.load_state_dict(best["state"])
     return {"wall_time_s": wall_time_s, "history": history, "best_step": best["step"]}
 
@@ -358,7 +370,9 @@ def evaluate_saved(folder: Path, sources: list[Source], train_tokens: Tensor) ->
     results = {
         "wikitext2_test_tokens": int(test_ids.numel()),
         "wikitext2_test_ppl": perplexity(model, test_ids, seqlen),
-        "wikitext2_test_unigram_ppl": unigram_perplexity(train_tokens, test_ids, vocab_size, seqlen),
+        "wikitext2_test_unigram_ppl": unigram_perplexity(
+            train_tokens, test_ids, vocab_size, seqlen
+        ),
     }
     for source in sources:
         heldout = ids(source.heldout_text)
@@ -472,12 +486,18 @@ Numbers and settings are also in `training_report.json`.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: src/quantpress/assets/models/<preset>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: src/quantpress/assets/models/<preset>)",
+    )
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
-    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of steps)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warmup steps (default: 5%% of steps)"
+    )
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--grad-clip", type=float, default=1.0)
     # bf16 autocast uses the CPU's AMX/AVX512-BF16 units; measured faster than fp32 here
@@ -505,7 +525,9 @@ def main(argv: list[str] | None = None) -> None:
     preset = PRESETS[args.preset]
     out: Path = args.out or BUNDLED_MODELS_DIR / args.preset
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    command = shlex.join(["python", "scripts/train_model.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(
+        ["python", "scripts/train_model.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     total_start = time.perf_counter()
@@ -519,7 +541,9 @@ def main(argv: list[str] | None = None) -> None:
     train_tokens = torch.cat(
         [torch.cat([encode(tokenizer, s.train_text), torch.tensor([EOS_ID])]) for s in sources]
     )
-    val_windows = torch.cat([token_windows(encode(tokenizer, s.heldout_text), seqlen) for s in sources])
+    val_windows = torch.cat(
+        [token_windows(encode(tokenizer, s.heldout_text), seqlen) for s in sources]
+    )
     tokens_seen = args.steps * args.batch_size * seqlen
     print(
         f"train tokens {len(train_tokens):,} | held-out windows {len(val_windows)} | "
@@ -549,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     final = next(h for h in result["history"] if h["step"] == result["best_step"])
 
-    # Save, reload, evaluate ------------------------------------------------------------------------
+    # Save, reload, evaluate ----------------------------------------------------------------------
     save_model(model, partial)
     save_tokenizer(tokenizer, partial, seqlen)
     print("evaluating the saved folder ...", flush=True)
@@ -644,7 +668,9 @@ def main(argv: list[str] | None = None) -> None:
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
-    print(f"saved {out} ({folder_size_mb(out):.1f} MB) in {time.perf_counter() - total_start:,.0f}s")
+    print(
+        f"saved {out} ({folder_size_mb(out):.1f} MB) in {time.perf_counter() - total_start:,.0f}s"
+    )
 
 
 if __name__ == "__main__":

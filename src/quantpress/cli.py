@@ -84,7 +84,7 @@ def quantize(
 
     table = Table(title=f"quantpress {variant_name(quant)}")
     table.add_column("what")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     table.add_row("output", str(report.out_dir))
     table.add_row("checkpoint_format", report.checkpoint_format.value)
     table.add_row("time", f"{report.seconds:.1f} s" + (f" (resumed {report.resumed_layers} layers)" if report.resumed_layers else ""))

@@ -59,6 +59,7 @@ def test_readme_main_command_on_the_bundled_model(tmp_path):
     assert result.returncode == 0, result.stderr
     before = float(re.search(r"ppl before \(seqlen \d+\)\s+│\s+([\d.]+)", result.stdout).group(1))
     after = float(re.search(r"ppl after\s+│\s+([\d.]+)", result.stdout).group(1))
-    assert before < after < 1.15 * before  # 4-bit g128 GPTQ costs a little, not a lot
+    # 4-bit g128 barely moves a small model's perplexity (on 8 windows it may even improve it).
+    assert abs(after / before - 1) < 0.02
     assert (tmp_path / "quantpress-out" / "tiny-llama-gptq-4bit-128g-actorder_False" / "model.safetensors").exists()
     shutil.rmtree(tmp_path / "quantpress-out")

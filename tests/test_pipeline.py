@@ -87,3 +87,24 @@ def test_quantized_logits_approach_full_precision_as_bits_grow(tmp_path, tiny_ll
         with torch.inference_mode():
             errors[bits] = (quantpress.load(out).model(input_ids=ids).logits - fp(input_ids=ids).logits).abs().mean()
     assert errors[8] < 0.1 * errors[4] < 0.1 * errors[2]
+
+
+def test_autogptq_folder_layout_loads(tmp_path, tiny_llama, examples):
+    """AutoGPTQ's layout: `gptq_model-4bit-32g.safetensors`, a config.json without
+    quantization_config, and a quantize_config.json in its own keys (no checkpoint_format: v1)."""
+    quant = QuantConfig(bits=4, group_size=32, act_order=True)
+    out = quantpress.quantize(tiny_llama, tmp_path / "q", quant, CALIB, examples=examples).out_dir
+    (out / "model.safetensors").rename(out / "gptq_model-4bit-32g.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "quantize_config.json").write_text(json.dumps({
+        "bits": 4, "group_size": 32, "damp_percent": 0.1, "desc_act": True, "static_groups": False,
+        "sym": True, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": None,
+    }))
+    reference, _ = in_memory_quantized(tiny_llama, quant, examples)
+    loaded = quantpress.load(out)
+    assert loaded.format_info.checkpoint_format.value == "gptq" and loaded.format_info.desc_act
+    ids = eval_ids(2, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits)

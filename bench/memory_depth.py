@@ -4,6 +4,10 @@ Builds random-initialised Llamas of the same width (timing and memory do not dep
 weights), saves them in bf16, and quantizes each in a fresh subprocess that reports its own peak
 RSS. Prints a markdown table.
 
+Both steps run in subprocesses and this parent never imports torch: Linux keeps a process's
+peak RSS (ru_maxrss) across fork + exec, so a child forked from a parent that once held a model
+would report the parent's high-water mark instead of its own.
+
     python bench/memory_depth.py --layers 4 16 --hidden 1024 --intermediate 2816 --nsamples 32 --seqlen 512
 """
 
@@ -30,17 +34,24 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mib": resource.g
 """
 
 
-def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> int:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+MAKE_MODEL = r"""
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+path, layers, hidden, intermediate = sys.argv[1], *map(int, sys.argv[2:5])
+config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                     num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=32000,
+                     max_position_embeddings=2048)
+torch.manual_seed(0)
+model = LlamaForCausalLM(config).to(torch.bfloat16)
+model.save_pretrained(path)
+print(sum(p.numel() for p in model.parameters()))
+"""
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=32000,
-                         max_position_embeddings=2048)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+
+def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> int:
+    result = subprocess.run([sys.executable, "-c", MAKE_MODEL, str(path), str(layers), str(hidden), str(intermediate)],
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -13,12 +13,8 @@ from peers.tiny_models import eval_ids
 from quantpress import CalibrationConfig, QuantConfig
 from quantpress.formats.hf_folder import TensorEntry, stream_safetensors, write_sharded
 
-DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
-               torch.int64: "I64", torch.uint8: "U8"}
-
-
 def entries_of(tensors):
-    return [TensorEntry(n, DTYPE_CODES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+    return [TensorEntry.of_tensor(n, t) for n, t in tensors.items()]
 
 
 def test_streamed_file_reads_back_exactly(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 from quantpress.calibration import tokenize
 from quantpress.datasets import load_text
 from quantpress.errors import CheckpointError, ConfigError
-from quantpress.evaluation import perplexity
+from quantpress.evaluation import perplexity, token_windows
 from quantpress.pipeline import QuantizeReport, quantize
 from quantpress.runtime.generate import Completion, complete
 from quantpress.runtime.loader import LoadedModel, load
@@ -63,7 +63,7 @@ def evaluate(
         raise ConfigError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {loaded.max_length}")
     ids = tokenize(loaded.tokenizer, load_text(dataset, "evaluation"))
     started = time.perf_counter()
-    windows = ids.numel() // seqlen if max_windows is None else min(max_windows, ids.numel() // seqlen)
+    windows = len(token_windows(ids, seqlen)[:max_windows])
     ppl = perplexity(loaded.model, ids, seqlen, batch_size=batch_size, max_windows=max_windows, on_window=on_window)
     return EvalResult(ppl, dataset, seqlen, windows, time.perf_counter() - started)
 

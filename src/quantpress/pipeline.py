@@ -105,7 +105,7 @@ def quantize(
     arch = architecture_for(source.config)
     config = hf_config(source.config)
     _check_uniform_attention(config)
-    _check_packable(source, arch, config, quant)
+    _check_packable(source, arch)
     if calibration is not None:
         examples = _resolve_examples(source.path, config, calibration, examples)
     done = _prepare_staging(staging, _fingerprint(source, quant, calibration, examples))
@@ -129,7 +129,7 @@ def _check_uniform_attention(config) -> None:
         )
 
 
-def _check_packable(source: ModelFolder, arch: Architecture, config, quant: QuantConfig) -> None:
+def _check_packable(source: ModelFolder, arch: Architecture) -> None:
     """Fail before any work if a Linear cannot be stored in the GPTQ layout."""
     for name in arch.quantized_modules:
         out_features, in_features = source.shape(f"{arch.layers}.0.{name}.weight")
@@ -274,7 +274,7 @@ def _write_weights(source: ModelFolder, staged: TensorFiles, arch, quant, stagin
     """Tensors outside the layers come from the source, layer tensors from the staged files."""
     outside = [n for n in source.names() if not n.startswith(arch.layers + ".")]
     entries = [source.entry(n) for n in outside]
-    entries += [staged.entry(n) for n in sorted(staged.names(), key=_layer_order)]
+    entries += [staged.entry(n) for n in staged.names()]  # staged files are in layer order
 
     def load(name: str) -> Tensor:
         return staged.get(name) if name in staged.file_of else source.get(name)
@@ -282,12 +282,6 @@ def _write_weights(source: ModelFolder, staged: TensorFiles, arch, quant, stagin
     metadata = {"format": "pt", "quantizer": f"quantpress:{__version__}", "bits": str(quant.bits),
                 "group_size": str(quant.group_size), "checkpoint_format": checkpoint_format_for(quant).value}
     write_sharded(staging, entries, load, max_shard_bytes, metadata)
-
-
-def _layer_order(name: str) -> tuple[int, str]:
-    parts = name.split(".")
-    index = next(int(p) for p in parts if p.isdigit())
-    return index, name
 
 
 def _write_log(staging: Path) -> list[ModuleStat]:

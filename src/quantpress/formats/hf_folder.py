@@ -20,7 +20,6 @@ from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 from quantpress.errors import CheckpointError
 
@@ -139,8 +138,11 @@ class ModelFolder(TensorFiles):
         return list(self.entry(name).shape)
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors dtype codes; a tensor's byte size follows from the torch dtype's itemsize.
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_DTYPE_CODES = {dtype: code for code, dtype in _TORCH_DTYPES.items()}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -153,7 +155,9 @@ def atomic_write_json(path: Path, obj: object) -> None:
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    _atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)))
+    """Write a dict of tensors as one safetensors file, atomically."""
+    entries = [TensorEntry.of_tensor(name, t) for name, t in tensors.items()]
+    stream_safetensors(path, entries, tensors.__getitem__, metadata)
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -182,16 +186,15 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _DTYPE_BYTES[self.dtype]
+        return math.prod(self.shape) * _TORCH_DTYPES[self.dtype].itemsize
 
     @classmethod
     def of_slice(cls, name: str, sl) -> TensorEntry:
         return cls(name, sl.get_dtype(), tuple(sl.get_shape()))
 
-
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
+    @classmethod
+    def of_tensor(cls, name: str, tensor: torch.Tensor) -> TensorEntry:
+        return cls(name, _DTYPE_CODES[tensor.dtype], tuple(tensor.shape))
 
 
 def stream_safetensors(path: Path, entries: list[TensorEntry], load: Callable[[str], torch.Tensor],

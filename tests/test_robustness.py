@@ -38,16 +38,19 @@ def assert_nothing_finished(out):
     assert not (partial / "config.json").exists() and not (partial / "model.safetensors").exists()
 
 
+def interrupt_after(layers: int):
+    """A progress callback that stops the run like Ctrl-C once `layers` layers are done."""
+    def progress(stage: str, done: int, total: int) -> None:
+        if done == layers:
+            raise KeyboardInterrupt
+    return progress
+
+
 def test_interrupted_run_resumes_to_identical_output(tmp_path, tiny_llama, examples):
     reference = quantpress.quantize(tiny_llama, tmp_path / "ref", QUANT, CALIB, examples=examples)
-
-    def stop_after_first_layer(stage, done, total):
-        if done == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples, progress=stop_after_first_layer)
+        quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples, progress=interrupt_after(1))
     assert_nothing_finished(out)
 
     resumed = quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples)
@@ -64,8 +67,7 @@ def test_interrupted_run_resumes_to_identical_output(tmp_path, tiny_llama, examp
 def test_staging_from_other_settings_is_discarded(tmp_path, tiny_llama, examples):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples,
-                            progress=lambda s, d, t: (_ for _ in ()).throw(KeyboardInterrupt))
+        quantpress.quantize(tiny_llama, out, QUANT, CALIB, examples=examples, progress=interrupt_after(1))
     report = quantpress.quantize(tiny_llama, out, QuantConfig(bits=3, group_size=32), CALIB, examples=examples)
     assert report.resumed_layers == 0
     assert json.loads((out / "quantize_config.json").read_text())["bits"] == 3

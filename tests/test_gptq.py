@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from reference.plain_gptq import plain_gptq
@@ -79,6 +78,21 @@ def test_hessian_accumulator_is_the_running_mean() -> None:
     ref.add_batch(X[4:].bfloat16().float())
     assert bf16.H.dtype == torch.float32
     torch.testing.assert_close(bf16.H, ref.H)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hessian_of_large_inputs_is_fp32_exact_for_either_dtype(dtype) -> None:
+    """Large enough for oneDNN's bf16 (AMX) path: bf16 inputs take it and stay exact, fp32 inputs
+    (values bf16 cannot hold) keep IEEE fp32 GEMMs; the process-wide flag is restored after."""
+    torch.manual_seed(0)
+    X = torch.randn(2, 512, 768).to(dtype)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    acc = HessianAccumulator(768)
+    acc.add_batch(X)
+    flat = X.reshape(-1, 768).double()
+    expected = 2 / 2 * flat.t() @ flat
+    assert (acc.H.double() - expected).abs().max() <= 1e-6 * expected.abs().max()
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
 def test_hessian_accumulator_rejects_bad_input() -> None:

@@ -6,31 +6,37 @@ import json
 
 import pytest
 import torch
+from peers.tiny_models import eval_ids, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 import quantpress
-from peers.tiny_models import eval_ids, save_tiny_model
 from quantpress import CalibrationConfig, QuantConfig
-from quantpress.layerwise import capture_layer_inputs, forward_layer, quantize_layer
+from quantpress.layerwise import capture_layer_inputs, forward_layer_, quantize_layer
 from quantpress.models.arch import LLAMA_LIKE
 from quantpress.runtime.qlinear import QuantLinear
 
-CALIB = CalibrationConfig(nsamples=8, seqlen=64)
+# fp32 calibration: the round trip is then bit-exact down to the logits (bf16 is tested below)
+CALIB = CalibrationConfig(nsamples=8, seqlen=64, compute_dtype="float32")
 
 
-def in_memory_quantized(src, quant, examples, batch_size=8):
-    """The whole fp32 model in memory, quantized layer by layer with plain transformers modules.
+def in_memory_quantized(src, quant, examples, batch_size=8, dtype=torch.float32, source_weights=True):
+    """The whole model in memory (in `dtype`), quantized layer by layer with plain transformers
+    modules; with `source_weights`, GPTQ quantizes the checkpoint's fp32 tensors, as the pipeline
+    does, rather than the layer's (possibly bf16-rounded) copies.
 
     Same batch size as the pipeline's default: Hessian sums split differently round differently.
     """
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).model.layers
     layers = model.model.layers
     inputs = capture_layer_inputs(model.model, layers, examples)
     results = {}
     for i, layer in enumerate(layers):
-        for r in quantize_layer(layer, LLAMA_LIKE, inputs, quant, batch_size=batch_size, where=f"layer {i}"):
+        source = original[i].state_dict() if source_weights else None
+        for r in quantize_layer(layer, LLAMA_LIKE, inputs, quant, batch_size=batch_size, where=f"layer {i}",
+                                source=source):
             results[f"model.layers.{i}.{r.name}"] = r
-        inputs = type(inputs)(forward_layer(layer, inputs, batch_size), inputs.kwargs)
+        inputs = forward_layer_(layer, inputs, batch_size)
     return model, results
 
 
@@ -64,6 +70,44 @@ def test_round_trip_is_bit_identical(request, tmp_path, examples, model_fixture,
     assert config["bits"] == quant.bits and config["group_size"] == quant.group_size
     assert config["checkpoint_format"] == ("gptq" if quant.sym else "gptq_v2")
     assert json.loads((report.out_dir / "quantize_config.json").read_text()) == config
+
+
+def _same_integers(loaded, results) -> bool:
+    return all(torch.equal(loaded.model.get_submodule(name).quantized_weight().intweight, r.weight.intweight)
+               for name, r in results.items())
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("quant", [QuantConfig(bits=4, group_size=32, act_order=True), QuantConfig(bits=8, sym=False)],
+                         ids=lambda q: quantpress.variant_name(q))
+def test_bf16_calibration_matches_in_memory_bf16_and_quantizes_the_fp32_source(
+        request, tmp_path, examples, model_fixture, quant):
+    """The default bf16 calibration (fp32 checkpoint here) gives exactly the in-memory bf16
+    result, and that result depends on quantizing the checkpoint's fp32 weights: quantizing
+    the bf16-rounded copies would give other integers."""
+    src = request.getfixturevalue(model_fixture)
+    calib = CalibrationConfig(nsamples=8, seqlen=64)
+    assert calib.compute_dtype == "bfloat16"
+    loaded = quantpress.load(quantpress.quantize(src, tmp_path / "out", quant, calib, examples=examples).out_dir)
+    _, results = in_memory_quantized(src, quant, examples, dtype=torch.bfloat16)
+    assert _same_integers(loaded, results)
+    _, rounded = in_memory_quantized(src, quant, examples, dtype=torch.bfloat16, source_weights=False)
+    assert not _same_integers(loaded, rounded)
+
+
+def test_bf16_calibration_is_as_good_as_fp32(tmp_path, tiny_llama, examples):
+    """bf16 activations change the Hessians only slightly: the 3-bit model's logit error against
+    full precision stays within 10% of the fp32-calibrated one's."""
+    fp = quantpress.load(tiny_llama).model
+    ids = eval_ids(4, 64)
+    quant = QuantConfig(bits=3, group_size=32, act_order=True)
+    errors = {}
+    for dtype in ("float32", "bfloat16"):
+        calib = CalibrationConfig(nsamples=8, seqlen=64, compute_dtype=dtype)
+        out = quantpress.quantize(tiny_llama, tmp_path / dtype, quant, calib, examples=examples).out_dir
+        with torch.inference_mode():
+            errors[dtype] = (quantpress.load(out).model(input_ids=ids).logits - fp(input_ids=ids).logits).abs().mean()
+    assert errors["bfloat16"] <= 1.1 * errors["float32"], errors
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])

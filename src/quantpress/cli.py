@@ -62,6 +62,7 @@ def quantize(
     nsamples: int = typer.Option(DEFAULT_C.nsamples),
     seqlen: Optional[int] = typer.Option(None, help="default: min(2048, the model's context)"),
     seed: int = typer.Option(DEFAULT_C.seed),
+    compute_dtype: str = typer.Option(DEFAULT_C.compute_dtype, help="calibration forwards: bfloat16 or float32"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="wikitext-2 perplexity before and after"),
     eval_windows: Optional[int] = typer.Option(None, help="evaluate on the first N windows only"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
@@ -71,7 +72,7 @@ def quantize(
     config = read_json(model_dir / "config.json")
     quant = QuantConfig(bits=bits, group_size=group_size, act_order=act_order, sym=sym, static_groups=static_groups,
                         true_sequential=true_sequential, damp_percent=damp, mse=mse, method=method)
-    calibration = CalibrationConfig(dataset, nsamples, seqlen or api.default_seqlen(config), seed)
+    calibration = CalibrationConfig(dataset, nsamples, seqlen or api.default_seqlen(config), seed, compute_dtype)
     out_dir = out_dir or Path("quantpress-out") / f"{model_dir.name}-{variant_name(quant)}"
 
     before = _eval_with_bar(model_dir, "wikitext2", None, "full precision", eval_windows) if evaluate else None

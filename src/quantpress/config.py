@@ -50,6 +50,9 @@ class QuantConfig:
             raise ConfigError("act_order orders columns by the Hessian, which RTN does not compute")
 
 
+COMPUTE_DTYPES = ("bfloat16", "float32")  # fp16 is left out: its CPU matmuls are ~50x slower
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Which token windows GPTQ sees: `nsamples` random windows of `seqlen` tokens (IST sampler)."""
@@ -58,8 +61,15 @@ class CalibrationConfig:
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    # dtype of the calibration forward passes and the stored activations. bfloat16 is what the
+    # peers and GPU users run (the model's own dtype); on CPUs with AMX/AVX512-BF16 its GEMMs are
+    # ~7x faster than fp32, and it halves activation memory. Hessians are always accumulated and
+    # the GPTQ solve always runs in fp32, whichever is chosen.
+    compute_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.nsamples <= 0:
             raise ConfigError(f"nsamples must be positive, got {self.nsamples}")
         if self.seqlen <= 1:

@@ -10,7 +10,7 @@ Modules of one group read the same tensor, so one Hessian serves the whole group
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from quantpress.config import Method, QuantConfig
 from quantpress.errors import HessianNotPositiveDefinite, NonFiniteError
 from quantpress.models.arch import Architecture
-from quantpress.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
+from quantpress.models.skeleton import return_freed_memory
+from quantpress.quant.gptq import (
+    GPTQResult,
+    HessianAccumulator,
+    all_finite,
+    gptq_quantize,
+)
 from quantpress.quant.qweight import QuantizedWeight
 from quantpress.quant.rtn import rtn_quantize
 
@@ -56,39 +62,45 @@ def capture_layer_inputs(base_model: nn.Module, layers: nn.ModuleList, examples:
 
     Windows go one at a time (batch 1), so every captured kwarg has batch dimension 1 and
     broadcasts over any batch later; all windows share one length and no padding, so the
-    kwargs of the first window serve them all.
+    kwargs of the first window serve them all. The activations go straight into one
+    preallocated [n, T, hidden] buffer: collecting a list and concatenating would hold two copies.
     """
-    hidden: list[Tensor] = []
+    hidden: Tensor | None = None
     kwargs: dict = {}
+    row = 0
 
     def catch(_module: nn.Module, args: tuple, kw: dict) -> None:
-        hidden.append(args[0] if args else kw["hidden_states"])
-        if not kwargs:
+        nonlocal hidden
+        x = args[0] if args else kw["hidden_states"]  # [1, T, hidden]
+        if hidden is None:
+            hidden = x.new_empty((len(examples), *x.shape[1:]))
             kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        hidden[row] = x[0]
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for window in examples:
+        for row, window in enumerate(examples):
             _run_until_stopped(lambda: base_model(input_ids=window[None], use_cache=False))
     finally:
         handle.remove()
     kwargs["use_cache"] = False
     kwargs.pop("past_key_values", None)
-    return LayerInputs(torch.cat(hidden), kwargs)
+    return LayerInputs(hidden, kwargs)
 
 
 @torch.no_grad()
-def forward_layer(layer: nn.Module, inputs: LayerInputs, batch_size: int) -> Tensor:
-    """Run the layer on all calibration activations, `batch_size` windows at a time."""
-    outs = []
+def forward_layer_(layer: nn.Module, inputs: LayerInputs, batch_size: int) -> LayerInputs:
+    """Run the layer on all calibration activations, `batch_size` windows at a time, writing each
+    batch's output over its input (the trailing underscore: in place, as in torch). The inputs
+    are dead once the layer is quantized, so one activation buffer serves the whole model."""
     for batch in inputs.hidden.split(batch_size):
         out = layer(batch, **inputs.kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)  # transformers 4.x returns tuples
-    hidden = torch.cat(outs)
-    if not torch.isfinite(hidden).all():
-        raise NonFiniteError("calibration activations became NaN/Inf")
-    return hidden
+        out = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns tuples
+        if not all_finite(out):  # per batch: a whole-buffer check would allocate a full copy
+            raise NonFiniteError("calibration activations became NaN/Inf")
+        batch.copy_(out)
+    return inputs
 
 
 @torch.no_grad()
@@ -121,18 +133,20 @@ def collect_hessians(
     return {group: acc.H for group, acc in accumulators.items()}
 
 
-def quantize_module(linear: nn.Linear, H: Tensor | None, quant: QuantConfig) -> tuple[QuantizedWeight, float, float]:
-    """Quantize one Linear and write its fake-quant weight back, so later passes see it."""
+def quantize_module(linear: nn.Linear, W: Tensor, bias: Tensor | None, H: Tensor | None,
+                    quant: QuantConfig) -> tuple[QuantizedWeight, float, float]:
+    """Quantize W (the source weight, full precision) and write its fake-quant version into
+    `linear` (which computes in the calibration dtype), so later passes see the quantized layer."""
     if quant.method is Method.RTN:
-        weight, loss, damp = rtn_quantize(linear.weight.data, quant), 0.0, 0.0
+        weight, loss, damp = rtn_quantize(W, quant), 0.0, 0.0
         fake = weight.dequantize()
     else:
-        result: GPTQResult = gptq_quantize(linear.weight.data, H, quant)
+        result: GPTQResult = gptq_quantize(W, H, quant)
         weight, loss, damp, fake = result.weight, result.loss, result.damp_percent, result.fake
     linear.weight.data = fake.to(linear.weight.dtype)
-    if linear.bias is not None:
+    if bias is not None:
         # The checkpoint stores the bias in fp16; compute with exactly what will be loaded.
-        linear.bias.data = linear.bias.data.half().to(linear.bias.dtype)
+        linear.bias.data = bias.to(linear.bias.dtype)
     return weight, loss, damp
 
 
@@ -145,8 +159,15 @@ def quantize_layer(
     *,
     batch_size: int,
     where: str,
+    source: Mapping[str, Tensor] | None = None,
 ) -> list[ModuleResult]:
-    """Quantize every Linear of one decoder layer in place (GPTQ needs `inputs`; RTN does not)."""
+    """Quantize every Linear of one decoder layer in place (GPTQ needs `inputs`; RTN does not).
+
+    `source` maps "self_attn.q_proj.weight"-style names to the checkpoint's own tensors: GPTQ
+    quantizes those, not the layer's copies, which may have been rounded to a lower compute dtype
+    (an fp16 checkpoint calibrated in bf16 would otherwise lose 3 mantissa bits before 8-bit
+    quantization even starts). Without it the layer's own parameters are the source.
+    """
     groups = list(arch.input_groups)
     # true-sequential: one group at a time, each seeing the already-quantized earlier groups.
     stages = [[g] for g in groups] if quant.true_sequential else [groups]
@@ -160,10 +181,14 @@ def quantize_layer(
         for group in stage:
             for name in group:
                 linear = layer.get_submodule(name)
+                W = linear.weight.data if source is None else source[f"{name}.weight"]
+                bias = None
+                if linear.bias is not None:
+                    bias = (linear.bias.data if source is None else source[f"{name}.bias"]).half()
                 try:
-                    weight, loss, damp = quantize_module(linear, hessians[group], quant)
+                    weight, loss, damp = quantize_module(linear, W, bias, hessians[group], quant)
                 except (HessianNotPositiveDefinite, NonFiniteError) as e:
                     raise type(e)(f"{where}.{name}: {e}") from None
-                bias = None if linear.bias is None else linear.bias.data.half()
                 results.append(ModuleResult(name, weight, bias, loss, damp))
+                return_freed_memory()  # GPTQ's K x K work arrays (32 MB each for down_proj)
     return results

@@ -28,24 +28,40 @@ from quantpress.calibration import calibration_examples
 from quantpress.config import CalibrationConfig, Method, QuantConfig
 from quantpress.errors import ConfigError, OutputExistsError, UnsupportedArchitecture
 from quantpress.formats.gptq_config import quantize_config_dict
-from quantpress.formats.gptq_tensors import CheckpointFormat, from_gptq_tensors, to_gptq_tensors
+from quantpress.formats.gptq_tensors import (
+    CheckpointFormat,
+    from_gptq_tensors,
+    to_gptq_tensors,
+)
 from quantpress.formats.hf_folder import (
     ModelFolder,
+    TensorFiles,
     atomic_save_tensors,
     atomic_write_json,
     copy_side_files,
-    TensorFiles,
     write_sharded,
 )
-from quantpress.layerwise import LayerInputs, ModuleResult, capture_layer_inputs, forward_layer, quantize_layer
+from quantpress.layerwise import (
+    LayerInputs,
+    ModuleResult,
+    capture_layer_inputs,
+    forward_layer_,
+    quantize_layer,
+)
 from quantpress.models.arch import Architecture, architecture_for
-from quantpress.models.skeleton import assign_weights, build_on_meta, hf_config, materialize_buffers, release
+from quantpress.models.skeleton import (
+    assign_weights,
+    build_on_meta,
+    hf_config,
+    materialize_buffers,
+    release,
+    return_freed_memory,
+)
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 MAX_SHARD_BYTES = 5 * 10**9  # the Hub's conventional shard size
-CALIBRATION_DTYPE = torch.float32  # Hessians need fp32; fp16 matmul on CPU is ~50x slower anyway
 
 
 @dataclass(frozen=True)
@@ -109,7 +125,7 @@ def quantize(
     if calibration is not None:
         examples = _resolve_examples(source.path, config, calibration, examples)
     done = _prepare_staging(staging, _fingerprint(source, quant, calibration, examples))
-    _quantize_layers(source, arch, config, quant, examples, staging, done, batch_size, progress)
+    _quantize_layers(source, arch, config, quant, calibration, examples, staging, done, batch_size, progress)
     _assemble(source, staging, arch, quant, calibration, max_shard_bytes)
     stats = _write_log(staging)
 
@@ -190,8 +206,10 @@ def _layer_file(staging: Path, index: int) -> Path:
     return staging / "layers" / f"layer-{index:05d}.safetensors"
 
 
-def _quantize_layers(source, arch, config, quant, examples, staging, done, batch_size, progress) -> None:
-    model = build_on_meta(config, CALIBRATION_DTYPE)
+def _quantize_layers(source, arch, config, quant, calibration, examples, staging, done, batch_size, progress) -> None:
+    # RTN runs no forward pass; its layers only carry the fake-quant weights, in any dtype.
+    dtype = getattr(torch, calibration.compute_dtype) if calibration is not None else torch.bfloat16
+    model = build_on_meta(config, dtype)
     materialize_buffers(model)
     base = model.get_submodule(arch.layers.rpartition(".")[0])
     layers = model.get_submodule(arch.layers)
@@ -211,11 +229,13 @@ def _quantize_layers(source, arch, config, quant, examples, staging, done, batch
             if inputs is not None:
                 _load_staged_into(layer, _layer_file(staging, i), prefix, arch, quant)
         else:
-            results = quantize_layer(layer, arch, inputs, quant, batch_size=batch_size, where=prefix.rstrip("."))
+            results = quantize_layer(layer, arch, inputs, quant, batch_size=batch_size, where=prefix.rstrip("."),
+                                     source=state)
             _stage_layer(staging, i, prefix, state, results, checkpoint_format_for(quant))
         if inputs is not None and i + 1 < total:
-            inputs = LayerInputs(forward_layer(layer, inputs, batch_size), inputs.kwargs)
+            inputs = forward_layer_(layer, inputs, batch_size)
         release(layer)
+        return_freed_memory()
         if progress is not None:
             progress("layer", i + 1, total)
 

@@ -89,6 +89,7 @@ def quantize_config_dict(
             # only the file name of a local text file: never publish a local path
             "dataset": dataset,
             "calibration_seed": None if calibration is None else int(calibration.seed),
+            "calibration_dtype": None if calibration is None else calibration.compute_dtype,
         },
     }
 

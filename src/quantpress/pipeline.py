@@ -46,7 +46,7 @@ from quantpress.layerwise import (
     ModuleResult,
     capture_layer_inputs,
     forward_layer_,
-    quantize_layer,
+    quantize_and_propagate,
 )
 from quantpress.models.arch import Architecture, architecture_for
 from quantpress.models.skeleton import (
@@ -225,15 +225,16 @@ def _quantize_layers(source, arch, config, quant, calibration, examples, staging
         prefix = f"{arch.layers}.{i}."
         state = {k[len(prefix):]: v for k, v in source.read(source.with_prefix(prefix)).items()}
         assign_weights(layer, state, f"layer {i}")
+        last = i + 1 == total  # its output feeds nothing
         if i < done:  # staged by an interrupted run: restore its quantized weights, skip the work
             if inputs is not None:
                 _load_staged_into(layer, _layer_file(staging, i), prefix, arch, quant)
+                if not last:
+                    forward_layer_(layer, inputs, batch_size)
         else:
-            results = quantize_layer(layer, arch, inputs, quant, batch_size=batch_size, where=prefix.rstrip("."),
-                                     source=state)
+            results = quantize_and_propagate(layer, arch, inputs, quant, batch_size=batch_size,
+                                             where=prefix.rstrip("."), source=state, propagate=not last)
             _stage_layer(staging, i, prefix, state, results, checkpoint_format_for(quant))
-        if inputs is not None and i + 1 < total:
-            inputs = forward_layer_(layer, inputs, batch_size)
         release(layer)
         return_freed_memory()
         if progress is not None:

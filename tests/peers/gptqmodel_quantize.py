@@ -7,10 +7,17 @@
 `--examples` holds one `[n, seqlen]` int64 tensor `input_ids`; the caller hands the same windows to
 quantpress, so the two tools see identical calibration data. Settings are pinned to the classic
 algorithm (spec B): act_group_aware off (GPTQModel's default "GAR" reorders groups), mse 0,
-static_groups off, no rotation, no GPTAQ/FOEM, RTN fallback off, fp32 Hessian staging.
+static_groups off (unless --static-groups), no rotation, no GPTAQ/FOEM, RTN fallback off, fp32
+Hessian staging.
 
 Run it from a scratch directory: GPTQModel writes `./logs/` into the cwd. quantpress never imports
-this file; the test suite runs it through `subprocess` with the peer interpreter.
+this file; the test suite runs it through `subprocess` with the peer interpreter, and the peer
+benchmarks through bench/peers/gptqmodel_quantize.py.
+
+The last stdout line is JSON. `quantize_seconds` times `model.quantize()` alone (calibration
+forwards, GPTQ, packing), not load or save; `seconds` is load + quantize + save; `peak_rss_mib` is
+this process's peak RSS (ru_maxrss) after the save, which includes the parent's high-water mark
+when the parent was bigger; `vm_hwm_mib` (VmHWM) does not. `tool`/`version` name the peer.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
+from pathlib import Path
 
 # Must be set before gptqmodel is imported: on a 2-core box its default worker count asks the
 # 'cpu' device pool for 2 workers while the parent pool has 1, and quantize() aborts.
@@ -40,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--asym", dest="sym", action="store_false")
     p.add_argument("--format", choices=["gptq", "gptq_v2"], default="gptq")
     p.add_argument("--damp", type=float, default=0.1)
+    # Off (the classic algorithm) unless asked: the benches turn it on to match llm-compressor,
+    # which always takes group grids from the pre-GPTQ weight (see bench/peers/README.md).
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--examples", required=True, help="safetensors file with int64 input_ids [n, seqlen]")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype GPTQModel loads the source in (fp16 matmul on CPU is ~50x slower)")
@@ -57,6 +69,17 @@ def calibration_rows(path: str) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": row[None, :], "attention_mask": torch.ones_like(row)[None, :]} for row in ids]
 
 
+def vm_hwm_mib() -> float | None:
+    """Peak RSS of this process image (Linux VmHWM). Unlike ru_maxrss, which exec inherits from
+    the parent's high-water mark, it starts afresh at exec, so a big parent cannot inflate it."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    line = next((x for x in status if x.startswith("VmHWM:")), None)
+    return round(int(line.split()[1]) / 1024, 1) if line else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from gptqmodel import GPTQModel, QuantizeConfig, __version__
@@ -69,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         format=args.format,
         damp_percent=args.damp,
         act_group_aware=False,
-        static_groups=False,
+        static_groups=args.static_groups,
         mse=0.0,
         true_sequential=True,
         fallback=None,  # default Fallback() silently RTN-quantizes modules it deems under-calibrated
@@ -83,12 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = calibration_rows(args.examples)
     # calibration_sort=None keeps the caller's order (the default "desc" sorts by length; ours
     # are equal-length, but an unstable sort could still permute them and change H's rounding).
+    quantize_start = time.perf_counter()
     model.quantize(rows, batch_size=1, calibration_sort=None)
+    quantize_seconds = time.perf_counter() - quantize_start
     model.save(args.out_dir)
     print(json.dumps({
         "gptqmodel": __version__,
         "seconds": round(time.perf_counter() - start, 1),
         "out_dir": args.out_dir,
+        "quantize_seconds": round(quantize_seconds, 2),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
+        "vm_hwm_mib": vm_hwm_mib(),
+        "tool": "GPTQModel",
+        "version": __version__,
     }))
     return 0
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# A virtualenv with llm-compressor 0.14.0.1 on CPU (see shared/reference/peers-on-cpu.md), for the
+# peer benchmarks only. torch 2.13.0 (CPU wheel, the project's version) goes in first and is pinned
+# by a constraints file, so llm-compressor's resolver cannot swap it for a CUDA build; llm-compressor
+# then brings its own pins (transformers 5.17.0, compressed-tensors 0.19.0).
+# Usage: install_llmcompressor.sh VENV_DIR
+set -euo pipefail
+VENV=${1:?usage: install_llmcompressor.sh VENV_DIR}
+python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" install -q torch==2.13.0
+CONSTRAINTS=$(mktemp)
+echo torch==2.13.0 > "$CONSTRAINTS"
+"$VENV/bin/pip" install -q -c "$CONSTRAINTS" llmcompressor==0.14.0.1 tokenizers
+rm -f "$CONSTRAINTS"

@@ -68,12 +68,20 @@ PHASES = {
 }
 
 
+BLOCKWISE = "layerwise.py:quantize_layer_blockwise"
+BLOCKWISE_PHASE = "forward passes (blockwise stages + propagation)"
+
+
 def phase_seconds(cum: dict[str, float]) -> dict[str, float]:
     def total(keys):  # a phase named twice (old/new function names) counts whichever exists
         return max((cum.get(k, 0.0) for k in keys), default=0.0)
 
     seconds = {phase: total(keys) for phase, keys in PHASES.items()}
     seconds["forward passes (Hessian stages)"] -= seconds["Hessian accumulation"]
+    if BLOCKWISE in cum:  # stages and propagation interleave there: one phase, net of what it calls
+        del seconds["forward passes (Hessian stages)"], seconds["forward passes (propagation)"]
+        seconds[BLOCKWISE_PHASE] = (cum[BLOCKWISE] - cum["gptq.py:add_batch"]
+                                    - cum["layerwise.py:_quantize_group"])
     seconds["other (imports, config, Python)"] = cum["pipeline.py:quantize"] - sum(seconds.values())
     return seconds
 
@@ -90,8 +98,11 @@ def phase_flops(config: dict, n: int, T: int) -> dict[str, float]:
     propagate = (2 * tokens * (qkv + o + gate_up + down) + attention) * (L - 1) / L
     hessian = 2 * tokens * (3 * h * h + i * i)  # one K x K per input group: q/k/v, o, gate/up, down
     solve = sum(N * K * K + K**3 for N, K in [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)])
+    # blockwise: q/k/v + attention once (the o stage; o_proj's inputs are cached for the
+    # propagation), o once, gate/up in the down stage and again in the propagation, down once
+    blockwise = 2 * tokens * (qkv + o + 2 * gate_up + down) + attention
     return {"Hessian accumulation": L * hessian, "forward passes (Hessian stages)": L * stages,
-            "forward passes (propagation)": L * propagate, "GPTQ solve": L * solve}
+            "forward passes (propagation)": L * propagate, "GPTQ solve": L * solve, BLOCKWISE_PHASE: L * blockwise}
 
 
 def main() -> None:
@@ -115,7 +126,7 @@ def main() -> None:
     fwd_dtype = "float32" if args.compute_dtype.startswith("float32") else "bfloat16"
     # Hessian GEMMs run on bf16 units when the activations are bf16 (exact, see quant/gptq.py)
     runs_in = {"Hessian accumulation": fwd_dtype, "forward passes (Hessian stages)": fwd_dtype,
-               "forward passes (propagation)": fwd_dtype, "GPTQ solve": "float32"}
+               "forward passes (propagation)": fwd_dtype, BLOCKWISE_PHASE: fwd_dtype, "GPTQ solve": "float32"}
     total = cum["pipeline.py:quantize"]
     rows = []
     for phase, s in seconds.items():

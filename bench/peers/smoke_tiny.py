@@ -28,20 +28,21 @@ from quantpress import CalibrationConfig, QuantConfig
 from quantpress.calibration import calibration_examples
 
 HERE = Path(__file__).resolve().parent
+GPTQMODEL_RUNNER = HERE.parents[1] / "tests" / "peers" / "gptqmodel_quantize.py"  # the interop tests' runner
 NSAMPLES, SEQLEN = 16, 512
 # (label, bits, group_size, act_order)
 SETTINGS = [("4-bit g128", 4, 128, False), ("3-bit g128 act-order", 3, 128, True)]
 
 
-def run_peer(python: str, script: str, args: list[str]) -> dict:
+def run_peer(python: str, script: Path, args: list[str]) -> dict:
     """Run a runner in its venv from a scratch cwd (GPTQModel writes ./logs/); its last JSON line."""
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
     env.pop("PYTHONPATH", None)
     with tempfile.TemporaryDirectory(prefix="qp_peer_cwd_") as cwd:
-        proc = subprocess.run(["nice", "-n", "19", python, str(HERE / script), *args],
+        proc = subprocess.run(["nice", "-n", "19", python, str(script), *args],
                               cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"{script} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        raise RuntimeError(f"{script.name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
@@ -92,14 +93,14 @@ def main() -> None:
                          f"{report.seconds:.1f} (whole run)", ""))
         for static in (False, True):
             out = work / f"gm_{tag}{'_static' if static else ''}"
-            r = run_peer(args.gptqmodel_python, "gptqmodel_quantize.py",
+            r = run_peer(args.gptqmodel_python, GPTQMODEL_RUNNER,
                          [str(src), str(out), *flags, *(["--static-groups"] if static else [])])
             rows.append((label, f"GPTQModel {r['version']}{' static_groups' if static else ''}",
                          f"{ppl(out):.2f}", f"{r['quantize_seconds']:.1f}", f"{r['vm_hwm_mib']:.0f}"))
         for ts in (False, True):
             out = work / f"llmc_{tag}{'_ts' if ts else ''}"
             dense = out.with_name(out.name + "_dense")
-            r = run_peer(args.llmc_python, "llmcompressor_quantize.py",
+            r = run_peer(args.llmc_python, HERE / "llmcompressor_quantize.py",
                          [str(src), str(out), *flags, "--dense-out", str(dense), "--verify",
                           *(["--true-sequential"] if ts else [])])
             diff = check_plain_model(dense, ids[:2])

@@ -12,7 +12,7 @@ Hessian staging.
 
 Run it from a scratch directory: GPTQModel writes `./logs/` into the cwd. quantpress never imports
 this file; the test suite runs it through `subprocess` with the peer interpreter, and the peer
-benchmarks through bench/peers/gptqmodel_quantize.py.
+benchmarks (bench/) the same way.
 
 The last stdout line is JSON. `quantize_seconds` times `model.quantize()` alone (calibration
 forwards, GPTQ, packing), not load or save; `seconds` is load + quantize + save; `peak_rss_mib` is

@@ -31,7 +31,7 @@ def test_invalid_calibration_config():
 
 @pytest.mark.parametrize("quant, name", [
     (QuantConfig(), "gptq-4bit-128g-actorder_False"),
-    (QuantConfig(bits=3, group_size=-1, act_order=True), "gptq-3bit-none-actorder_True"),
+    (QuantConfig(bits=3, group_size=-1, act_order=True), "gptq-3bit--1g-actorder_True"),
     (QuantConfig(bits=8, group_size=32, sym=False), "gptq-8bit-32g-actorder_False-asym"),
     (QuantConfig(bits=2, group_size=64, method="rtn"), "rtn-2bit-64g-actorder_False"),
 ])

@@ -77,7 +77,8 @@ class CalibrationConfig:
 
 
 def variant_name(quant: QuantConfig) -> str:
-    """The branch/folder name of a variant, e.g. `gptq-4bit-128g-actorder_True` (TheBloke style)."""
-    group = "none" if quant.group_size == -1 else f"{quant.group_size}g"
+    """The branch/folder name of a variant, TheBloke's convention: `gptq-4bit-128g-actorder_True`,
+    and `gptq-8bit--1g-actorder_True` for one group per row."""
+    group = f"{quant.group_size}g"
     name = f"{quant.method.value}-{quant.bits}bit-{group}-actorder_{quant.act_order}"
     return name if quant.sym else name + "-asym"

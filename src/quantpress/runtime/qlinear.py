@@ -4,7 +4,8 @@ The buffers are the checkpoint tensors themselves (`qweight`, `qzeros`, `scales`
 `bias`), so `load_state_dict` fills it straight from a GPTQ file and memory holds the packed
 weight. Forward dequantizes to the activation dtype and calls F.linear: on CPU there is no
 fused int kernel to win with, and exact dequantization keeps logits bit-identical to the
-quantizer's fake-quant model.
+quantizer's fake-quant model. The dense weight is built on the first forward and kept (unpacking
+every call made evaluation ~10x slower than the dense model); `load_state_dict` drops it.
 """
 
 from __future__ import annotations
@@ -30,15 +31,21 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, **kw))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, **kw))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16, **kw) if bias else None)
+        self._dense: tuple[Tensor, Tensor | None] | None = None  # (weight, bias) in the last x.dtype
 
     def quantized_weight(self) -> QuantizedWeight:
         tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
         return from_gptq_tensors(tensors, self.bits, self.fmt)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (..., in_features)
-        weight = self.quantized_weight().dequantize().to(x.dtype)  # [out, in], exact in fp32
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        if self._dense is None or self._dense[0].dtype != x.dtype:
+            weight = self.quantized_weight().dequantize().to(x.dtype)  # [out, in], exact in fp32
+            self._dense = (weight, None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, *self._dense)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._dense = None  # new packed tensors: the cached dense weight is stale
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -81,7 +81,7 @@ def phase_seconds(cum: dict[str, float]) -> dict[str, float]:
     if BLOCKWISE in cum:  # stages and propagation interleave there: one phase, net of what it calls
         del seconds["forward passes (Hessian stages)"], seconds["forward passes (propagation)"]
         seconds[BLOCKWISE_PHASE] = (cum[BLOCKWISE] - cum["gptq.py:add_batch"]
-                                    - cum["layerwise.py:_quantize_group"])
+                                    - cum["layerwise.py:quantize_group"])
     seconds["other (imports, config, Python)"] = cum["pipeline.py:quantize"] - sum(seconds.values())
     return seconds
 

@@ -358,7 +358,7 @@ def test_quantize_config_dict_fields_and_order() -> None:
         "meta": {
             "quantizer": ["quantpress:0.1.0"], "damp_percent": 0.01, "static_groups": True,
             "true_sequential": True, "mse": False, "method": "gptq", "dataset": "wikitext2",
-            "calibration_seed": 3, "calibration_dtype": "bfloat16",
+            "calibration_seed": 3, "calibration_dtype": "bfloat16", "hessian_inputs": "quantized",
         },
     }
     assert json.loads(json.dumps(d)) == d  # plain JSON types only (no enums, no tensors)
@@ -372,7 +372,7 @@ def test_rtn_config_has_null_calibration_and_gptq_quant_method() -> None:
     assert d["checkpoint_format"] == d["format"] == "gptq_v2"
     assert (d["dataset"], d["nsamples"], d["seqlen"]) == (None, None, None)
     assert d["meta"]["calibration_seed"] is None and d["meta"]["dataset"] is None
-    assert d["meta"]["calibration_dtype"] is None
+    assert d["meta"]["calibration_dtype"] is None and d["meta"]["hessian_inputs"] is None
     assert (d["group_size"], d["sym"]) == (-1, False)
 
 

@@ -179,11 +179,11 @@ def quantize_layer(
             else dict.fromkeys(stage)
         )
         for group in stage:
-            results += _quantize_group(layer, group, hessians[group], quant, where, source)
+            results += quantize_group(layer, group, hessians[group], quant, where, source)
     return results
 
 
-def _quantize_group(layer: nn.Module, group: tuple[str, ...], H: Tensor | None, quant: QuantConfig, where: str,
+def quantize_group(layer: nn.Module, group: tuple[str, ...], H: Tensor | None, quant: QuantConfig, where: str,
                     source: Mapping[str, Tensor] | None) -> list[ModuleResult]:
     results = []
     for name in group:
@@ -258,10 +258,10 @@ def quantize_layer_blockwise(
         acc = HessianAccumulator(X.shape[-1], device=X.device)
         for xb in X.split(batch_size):
             acc.add_batch(norm(xb))
-        results += _quantize_group(layer, input_group, acc.H, quant, where, source)
+        results += quantize_group(layer, input_group, acc.H, quant, where, source)
 
         acc, cache = _output_proj_inputs(norm, mixer, output_proj, X, kwargs, batch_size)
-        results += _quantize_group(layer, (block.output_proj,), acc.H, quant, where, source)
+        results += quantize_group(layer, (block.output_proj,), acc.H, quant, where, source)
 
         for i, xb in zip(range(0, len(X), batch_size), X.split(batch_size)):
             if cache is not None:

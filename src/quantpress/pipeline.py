@@ -7,6 +7,9 @@ and released before the next layer is read.
 Outputs are never half-written: work happens in `<out>.partial/`, each finished layer is staged
 there as its own file (so an interrupted run resumes at the next layer), and the folder is
 renamed to `<out>` only when complete.
+
+`quantize_shared` writes several variants from one full-precision calibration pass (the release
+factory's `--shared-calibration`); each variant stages and resumes exactly as `quantize` does.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from quantpress import __version__
 from quantpress.calibration import calibration_examples
-from quantpress.config import CalibrationConfig, Method, QuantConfig
+from quantpress.config import CalibrationConfig, Method, QuantConfig, variant_name
 from quantpress.errors import ConfigError, OutputExistsError, UnsupportedArchitecture
 from quantpress.formats.gptq_config import quantize_config_dict
 from quantpress.formats.gptq_tensors import (
@@ -45,8 +48,10 @@ from quantpress.layerwise import (
     LayerInputs,
     ModuleResult,
     capture_layer_inputs,
+    collect_hessians,
     forward_layer_,
     quantize_and_propagate,
+    quantize_group,
 )
 from quantpress.models.arch import Architecture, architecture_for
 from quantpress.models.skeleton import (
@@ -108,31 +113,94 @@ def quantize(
     tools identical windows. RTN needs no calibration; pass `calibration=None` for it.
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
     if quant.method is Method.GPTQ and calibration is None:
         raise ConfigError("GPTQ needs a calibration config (only RTN runs without data)")
     if quant.method is Method.RTN:
         calibration = examples = None  # RTN reads no data; nothing about data goes in its config
+    job = _Job(Path(out_dir), quant)
+    job.check_free(overwrite)
+    source, arch, config = _open_source(model_dir)
+    if calibration is not None:
+        examples = _resolve_examples(source.path, config, calibration, examples)
+    job.done = _prepare_staging(job.staging, _fingerprint(source, quant, calibration, examples, job.hessian_inputs))
+    _quantize_layers(source, arch, config, quant, calibration, examples, job.staging, job.done, batch_size, progress)
+    return _finish(source, arch, config, job, calibration, max_shard_bytes, overwrite, started)
 
+
+def quantize_shared(
+    model_dir: str | Path,
+    targets: Sequence[tuple[str | Path, QuantConfig]],
+    calibration: CalibrationConfig,
+    *,
+    examples: Tensor | None = None,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: Progress | None = None,
+) -> list[QuantizeReport]:
+    """Quantize several GPTQ variants from ONE pass of the full-precision model over the data.
+
+    Each layer's Hessians are collected once, from the full-precision layer's inputs, and every
+    variant's GPTQ solve uses them. That saves a forward pass and Hessian accumulation per extra
+    variant, but it is not sequential GPTQ: there, layer i's Hessians come from the outputs of the
+    already *quantized* layers 0..i-1 and the later Linears of a layer see its quantized earlier
+    ones. So every QuantConfig must say `true_sequential=False`, and quantize_config.json records
+    `meta.hessian_inputs = "full_precision"`. Each variant stages and resumes per layer exactly
+    as `quantize` does.
+    """
+    started = time.perf_counter()
+    jobs = [_Job(Path(out), quant, hessian_inputs="full_precision") for out, quant in targets]
+    for job in jobs:
+        if job.quant.method is not Method.GPTQ or job.quant.true_sequential:
+            raise ConfigError("shared calibration is for GPTQ with true_sequential=False: every Hessian "
+                              f"comes from the full-precision model ({variant_name(job.quant)})")
+        job.check_free(overwrite)
+    if len({job.staging for job in jobs}) != len(jobs):
+        raise ConfigError("two shared-calibration targets have the same output folder")
+    source, arch, config = _open_source(model_dir)
+    examples = _resolve_examples(source.path, config, calibration, examples)
+    for job in jobs:
+        job.done = _prepare_staging(job.staging, _fingerprint(source, job.quant, calibration, examples, job.hessian_inputs))
+    _quantize_layers_shared(source, arch, config, jobs, calibration, examples, batch_size, progress)
+    return [_finish(source, arch, config, job, calibration, max_shard_bytes, overwrite, started) for job in jobs]
+
+
+@dataclass
+class _Job:
+    """One variant being written: its output folder, settings and how many layers are staged."""
+
+    out_dir: Path
+    quant: QuantConfig
+    hessian_inputs: str = "quantized"  # or "full_precision" (quantize_shared)
+    done: int = 0
+
+    @property
+    def staging(self) -> Path:
+        return self.out_dir.with_name(self.out_dir.name + ".partial")
+
+    def check_free(self, overwrite: bool) -> None:
+        if self.out_dir.exists() and not overwrite:
+            raise OutputExistsError(f"{self.out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+
+
+def _open_source(model_dir: str | Path) -> tuple[ModelFolder, Architecture, object]:
+    """The source folder, its table entry and transformers config, after every up-front check."""
     source = ModelFolder(model_dir)
     arch = architecture_for(source.config)
     config = hf_config(source.config)
     _check_uniform_attention(config)
     _check_packable(source, arch)
-    if calibration is not None:
-        examples = _resolve_examples(source.path, config, calibration, examples)
-    done = _prepare_staging(staging, _fingerprint(source, quant, calibration, examples))
-    _quantize_layers(source, arch, config, quant, calibration, examples, staging, done, batch_size, progress)
-    _assemble(source, staging, arch, quant, calibration, max_shard_bytes)
-    stats = _write_log(staging)
+    return source, arch, config
 
-    _publish(staging, out_dir, overwrite)
-    size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
-    return QuantizeReport(out_dir, quant, calibration, checkpoint_format_for(quant), time.perf_counter() - started,
-                          size, config.num_hidden_layers, done, stats)
+
+def _finish(source, arch, config, job: _Job, calibration, max_shard_bytes: int, overwrite: bool,
+            started: float) -> QuantizeReport:
+    _assemble(source, job.staging, arch, job.quant, calibration, max_shard_bytes, job.hessian_inputs)
+    stats = _write_log(job.staging)
+    _publish(job.staging, job.out_dir, overwrite)
+    size = sum(p.stat().st_size for p in job.out_dir.glob("*.safetensors"))
+    return QuantizeReport(job.out_dir, job.quant, calibration, checkpoint_format_for(job.quant),
+                          time.perf_counter() - started, size, config.num_hidden_layers, job.done, stats)
 
 
 def _check_uniform_attention(config) -> None:
@@ -172,7 +240,8 @@ def _resolve_examples(model_dir: Path, config, calibration: CalibrationConfig, e
     return examples
 
 
-def _fingerprint(source: ModelFolder, quant: QuantConfig, calibration: CalibrationConfig | None, examples: Tensor | None) -> dict:
+def _fingerprint(source: ModelFolder, quant: QuantConfig, calibration: CalibrationConfig | None,
+                 examples: Tensor | None, hessian_inputs: str) -> dict:
     """What a staged layer depends on; a staging folder with another fingerprint is discarded."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.path.glob("*.safetensors"))
     digest = None if examples is None else hashlib.sha256(examples.numpy().tobytes()).hexdigest()
@@ -183,6 +252,7 @@ def _fingerprint(source: ModelFolder, quant: QuantConfig, calibration: Calibrati
         "quant": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(quant).items()},
         "calibration": None if calibration is None else asdict(calibration),
         "examples_sha256": digest,
+        "hessian_inputs": hessian_inputs,
     }
 
 
@@ -241,6 +311,40 @@ def _quantize_layers(source, arch, config, quant, calibration, examples, staging
             progress("layer", i + 1, total)
 
 
+def _quantize_layers_shared(source, arch, config, jobs: list[_Job], calibration, examples, batch_size,
+                            progress) -> None:
+    """The layer loop of `quantize_shared`: the model stays full precision throughout."""
+    model = build_on_meta(config, getattr(torch, calibration.compute_dtype))
+    materialize_buffers(model)
+    base = model.get_submodule(arch.layers.rpartition(".")[0])
+    layers = model.get_submodule(arch.layers)
+    embed = base.get_input_embeddings()
+    assign_weights(embed, {"weight": source.get(_embed_key(model, embed))}, "embed_tokens")
+    inputs = capture_layer_inputs(base, layers, examples)
+    release(embed)
+
+    groups = list(arch.input_groups)
+    total = len(layers)
+    for i, layer in enumerate(layers):
+        prefix = f"{arch.layers}.{i}."
+        state = {k[len(prefix):]: v for k, v in source.read(source.with_prefix(prefix)).items()}
+        assign_weights(layer, state, f"layer {i}")
+        todo = [job for job in jobs if job.done <= i]
+        # All Hessians come from one pass over the full-precision layer, which then produces
+        # the next layer's inputs; only after that may the solves overwrite its weights.
+        hessians = collect_hessians(layer, groups, inputs, batch_size) if todo else {}
+        if i + 1 < total and any(job.done < total for job in jobs):
+            forward_layer_(layer, inputs, batch_size)
+        for job in todo:
+            results = [r for group in groups
+                       for r in quantize_group(layer, group, hessians[group], job.quant, prefix.rstrip("."), state)]
+            _stage_layer(job.staging, i, prefix, state, results, checkpoint_format_for(job.quant))
+        release(layer)
+        return_freed_memory()
+        if progress is not None:
+            progress("layer", i + 1, total)
+
+
 def _embed_key(model: torch.nn.Module, embed: torch.nn.Module) -> str:
     """Checkpoint name of the input embedding, found by identity rather than by name pattern."""
     return next(f"{name}.weight" for name, module in model.named_modules() if module is embed)
@@ -279,13 +383,14 @@ def _load_staged_into(layer, file: Path, prefix: str, arch: Architecture, quant:
             linear.bias.data = staged.get(f"{prefix}{name}.bias").to(linear.bias.dtype)
 
 
-def _assemble(source, staging, arch, quant, calibration, max_shard_bytes) -> None:
+def _assemble(source, staging, arch, quant, calibration, max_shard_bytes, hessian_inputs: str) -> None:
     """Final weight files + configs, all inside the staging folder."""
     staged = TensorFiles(sorted((staging / "layers").glob("layer-*.safetensors")))
     _write_weights(source, staged, arch, quant, staging, max_shard_bytes)
     fmt = checkpoint_format_for(quant)
     qconfig = quantize_config_dict(quant, calibration, fmt, tool_version=__version__,
-                                   model_name_or_path=source.config.get("_name_or_path"))
+                                   model_name_or_path=source.config.get("_name_or_path"),
+                                   hessian_inputs=hessian_inputs if calibration is not None else None)
     atomic_write_json(staging / "quantize_config.json", qconfig)
     atomic_write_json(staging / "config.json", {**source.config, "quantization_config": qconfig})
     copy_side_files(source.path, staging)

@@ -48,6 +48,7 @@ def quantize_config_dict(
     *,
     tool_version: str,
     model_name_or_path: str | None = None,
+    hessian_inputs: str | None = "quantized",
 ) -> dict[str, Any]:
     """The dict written as quantize_config.json and as config.json["quantization_config"].
 
@@ -90,6 +91,9 @@ def quantize_config_dict(
             "dataset": dataset,
             "calibration_seed": None if calibration is None else int(calibration.seed),
             "calibration_dtype": None if calibration is None else calibration.compute_dtype,
+            # "quantized": sequential GPTQ, each layer's Hessians from the quantized layers before it;
+            # "full_precision": one shared calibration pass over the unquantized model (quantize_shared)
+            "hessian_inputs": None if calibration is None else hessian_inputs,
         },
     }
 

@@ -41,3 +41,7 @@ class OutputExistsError(QuantpressError):
 
 class PromptTooLong(QuantpressError):
     """A prompt plus the requested new tokens exceed what the model allows."""
+
+
+class DownloadError(QuantpressError):
+    """A release could not be fetched, or what arrived does not match the source's checksums."""

@@ -6,7 +6,7 @@ so the Pareto front is visible.
 Variants: bits 2/3/4/8 x group size none/128/32 (8-bit: none/128), each as RTN and as GPTQ
 act-order (damp 0.1, 128 wikitext-2 valid windows at the model's context, seed 0). Sizes are
 the bytes of the variant's weight files; perplexity is wikitext-2 test at the model's context.
-Needs matplotlib (`pip install -e ".[bench]"`).
+matplotlib is a quantpress dependency (the model card plot).
 """
 
 from __future__ import annotations

@@ -128,6 +128,90 @@ def generate(
     console.print(f"[dim]{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}[/dim]")
 
 
+@app.command("release")
+def release_(
+    model_dir: Annotated[Optional[Path], typer.Argument(help="Hugging Face model folder (default: the bundled tiny Llama)")] = None,
+    out_repo: Annotated[Optional[Path], typer.Argument(help="git repository to write, one branch per variant")] = None,
+    recipe: Optional[Path] = typer.Option(None, help="recipe YAML (default: TheBloke's 7-variant set)"),
+    shared_calibration: bool = typer.Option(
+        False, "--shared-calibration/--sequential",
+        help="one full-precision calibration pass for all variants (faster, not sequential GPTQ)"),
+    merge_lora: Optional[Path] = typer.Option(None, help="merge this PEFT LoRA adapter into the model first"),
+    eval_windows: Optional[int] = typer.Option(None, help="evaluate on the first N windows only"),
+) -> None:
+    """Quantize every variant of a recipe, measure each, and write a git repo with a branch per
+    variant and a model card; re-running resumes or reuses finished variants."""
+    from quantpress.release.build import EvalSettings, release
+    from quantpress.release.recipe import ModelInfo, default_recipe, load_recipe
+
+    model_dir = model_dir or api.bundled_model_dir()
+    out_repo = out_repo or Path("quantpress-out") / f"{model_dir.name}-GPTQ"
+    seqlen = api.default_seqlen(read_json(model_dir / "config.json"))
+    if recipe is not None:
+        plan = load_recipe(recipe, seqlen_default=seqlen)
+    else:
+        info = ModelInfo(name=model_dir.name, creator="unknown", original_model=model_dir.name)
+        plan = default_recipe(info, seqlen=seqlen)
+    with _progress() as bar:
+        tasks: dict[tuple[str, str], int] = {}
+
+        def show(stage: str, branch: str, done: int, total: int) -> None:
+            key = (stage, branch)
+            if key not in tasks:
+                tasks[key] = bar.add_task(f"{stage} {branch}", total=total)
+            bar.update(tasks[key], completed=done, total=total)
+
+        report = release(model_dir, out_repo, plan, shared_calibration=shared_calibration,
+                         evaluation=EvalSettings(max_windows=eval_windows), merge_lora=merge_lora, progress=show)
+    table = Table(title=f"release {report.repo}")
+    for column in ("branch", "bits", "group size", "act order", "size", "perplexity", "commit"):
+        table.add_column(column, justify="left" if column == "branch" else "right", no_wrap=column == "branch")
+    for r in report.results:
+        table.add_row(r.branch, str(r.quant.bits), str(r.quant.group_size), str(r.quant.act_order),
+                      _human_size(r.size_bytes), f"{r.perplexity:.3f}", report.branches[r.branch][:10])
+    Console().print(table)
+    reused = len(report.results) - len(report.quantized)
+    console.print(f"{report.seconds:.1f} s; {len(report.quantized)} variants quantized, {reused} reused")
+
+
+@app.command()
+def publish(
+    repo: Path = typer.Argument(..., help="a repository written by `quantpress release`"),
+    remote: str = typer.Option(..., help="any git remote: a URL or a path to a (bare) repository"),
+    force: bool = typer.Option(False, help="overwrite remote branches that have diverged"),
+) -> None:
+    """Push every branch of a release to a git remote."""
+    from quantpress.release.git import ReleaseRepo
+
+    if not (repo / ".git").is_dir():
+        raise typer.BadParameter(f"{repo} is not a git repository", param_hint="REPO")
+    print(ReleaseRepo(repo.resolve()).push(remote, force=force).strip())
+
+
+@app.command()
+def download(
+    source: str = typer.Argument(..., help="ORG/MODEL[:BRANCH] on the Hub, or a git URL/path[:BRANCH]"),
+    local_dir: Path = typer.Option(..., help="folder to write the branch's files into"),
+    branch: Optional[str] = typer.Option(None, help="instead of the :BRANCH suffix"),
+) -> None:
+    """Fetch one branch of a release, resumably, verifying every file's hash."""
+    from quantpress.release.download import download as fetch
+    from quantpress.release.download import parse_source
+
+    spec = parse_source(source, branch)
+    with _progress() as bar:
+        task = bar.add_task(f"downloading {spec}", total=None)
+
+        def show(name: str, done: int, total: int) -> None:
+            bar.update(task, description=f"downloading {name}", completed=done, total=total)
+
+        report = fetch(spec, local_dir, progress=show)
+    console.print(f"{spec} at {report.commit[:12]} -> {local_dir}: {len(report.written)} files fetched "
+                  f"({_human_size(report.bytes_written)}), {len(report.verified)} already present and verified")
+    if report.left_over:
+        console.print(f"[yellow]kept files this branch does not have:[/yellow] {', '.join(report.left_over)}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

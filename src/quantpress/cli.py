@@ -164,11 +164,11 @@ def release_(
         report = release(model_dir, out_repo, plan, shared_calibration=shared_calibration,
                          evaluation=EvalSettings(max_windows=eval_windows), merge_lora=merge_lora, progress=show)
     table = Table(title=f"release {report.repo}")
-    for column in ("branch", "bits", "group size", "act order", "size", "perplexity", "commit"):
-        table.add_column(column, justify="left" if column == "branch" else "right", no_wrap=column == "branch")
+    for column in ("branch", "bits", "GS", "act order", "size", "perplexity"):
+        table.add_column(column, justify="left" if column == "branch" else "right", no_wrap=True)
     for r in report.results:
         table.add_row(r.branch, str(r.quant.bits), str(r.quant.group_size), str(r.quant.act_order),
-                      _human_size(r.size_bytes), f"{r.perplexity:.3f}", report.branches[r.branch][:10])
+                      _human_size(r.size_bytes), f"{r.perplexity:.3f}")
     Console().print(table)
     reused = len(report.results) - len(report.quantized)
     console.print(f"{report.seconds:.1f} s; {len(report.quantized)} variants quantized, {reused} reused")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -37,9 +36,12 @@ from quantpress.pipeline import quantize, quantize_shared
 from quantpress.release.card import CardData, plot_perplexity_vs_size, render_card
 from quantpress.release.git import GITATTRIBUTES, ReleaseRepo
 from quantpress.release.recipe import Recipe, Variant
-from quantpress.release.results import Baseline, VariantResult, read_result, write_result
-
-log = logging.getLogger(__name__)
+from quantpress.release.results import (
+    Baseline,
+    VariantResult,
+    read_result,
+    write_result,
+)
 
 PLOT_FILE = "perplexity-vs-size.png"
 TRAILER = "Quantpress-Variant"  # commit trailer: the fingerprint of the variant a branch holds
@@ -115,13 +117,17 @@ def _calibration_sets(model_dir: Path, recipe: Recipe) -> dict[CalibrationConfig
 
 def _fingerprint(source: ModelFolder, variant: Variant, examples: Tensor, shared: bool, evaluation: EvalSettings) -> str:
     """Everything a variant's files and numbers depend on (its description only reaches the card)."""
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.path.glob("*.safetensors"))
     quant = {k: getattr(v, "value", v) for k, v in asdict(variant.quant).items()}
-    record = {"quantpress": __version__, "config": source.config, "files": files, "quant": quant,
+    record = {"quantpress": __version__, "config": source.config, "files": _weight_stamps(source), "quant": quant,
               "calibration": asdict(variant.calibration),
               "examples_sha256": hashlib.sha256(examples.numpy().tobytes()).hexdigest(),
               "hessian_inputs": _hessian_inputs(shared), "evaluation": asdict(evaluation)}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _weight_stamps(source: ModelFolder) -> list[tuple[str, int, int]]:
+    """Name, size and mtime of each weight file: a changed checkpoint invalidates what was built on it."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.path.glob("*.safetensors"))
 
 
 def _hessian_inputs(shared: bool) -> str:
@@ -132,7 +138,7 @@ def _baseline(source: ModelFolder, work: Path, evaluation: EvalSettings) -> Base
     """The full-precision perplexity, measured once per source model and eval setting."""
     path = work / "baseline.json"
     key = {"config": source.config, "evaluation": asdict(evaluation),
-           "files": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.path.glob("*.safetensors"))}
+           "files": _weight_stamps(source)}
     if path.exists():
         stored = json.loads(path.read_text())
         if stored.get("key") == json.loads(json.dumps(key)):

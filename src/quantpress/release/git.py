@@ -88,8 +88,11 @@ class ReleaseRepo:
         return {path: int(meta.split()[3]) for meta, path in entries}
 
     def read(self, commit: str, path: str) -> bytes:
+        """A file's bytes as committed (binary: not through `git()`, which decodes text)."""
         result = subprocess.run(["git", "-C", str(self.path), "cat-file", "blob", f"{commit}:{path}"],
-                                capture_output=True, check=True)
+                                capture_output=True, check=False)
+        if result.returncode != 0:
+            raise GitError(f"cannot read {path} at {commit} in {self.path}: {result.stderr.decode(errors='replace').strip()}")
         return result.stdout
 
     def commit_branch(self, branch: str, files: dict[str, Path], message: str, *, start_from: str | None = None) -> str:

@@ -22,15 +22,22 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*QUANTPRESS, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
+def test_unknown_prompt_template_fails_before_any_work(tmp_path, tiny_llama):
+    result = run("quantize", tiny_llama, tmp_path / "q", "--prompt-template", "vicunya", "--no-eval")
+    assert result.returncode == 2 and "unknown prompt template 'vicunya'" in result.stderr
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
 def test_quantize_eval_generate_on_a_folder(tmp_path, tiny_llama):
     out = tmp_path / "q"
     # The tiny test model's tokenizer knows only "t4".."t255": calibrate on such a text file.
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"t{4 + (i * 7) % 250}" for i in range(4000)))
     result = run("quantize", tiny_llama, out, "--bits", "3", "--group-size", "64", "--act-order",
-                 "--dataset", text, "--nsamples", "4", "--seqlen", "32", "--no-eval")
+                 "--dataset", text, "--nsamples", "4", "--seqlen", "32", "--no-eval", "--prompt-template", "vicuna")
     assert result.returncode == 0, result.stderr
     assert "gptq-3bit-64g-actorder_True" in result.stdout and "size on disk" in result.stdout
+    assert json.loads((out / "quantize_config.json").read_text())["meta"]["prompt_template"] == "vicuna"
     assert "2/2" in result.stderr  # the per-layer progress bar reached both layers
     config = json.loads((out / "quantize_config.json").read_text())
     assert (config["bits"], config["group_size"], config["desc_act"], config["nsamples"], config["seqlen"]) == (3, 64, True, 4, 32)

@@ -359,6 +359,7 @@ def test_quantize_config_dict_fields_and_order() -> None:
             "quantizer": ["quantpress:0.1.0"], "damp_percent": 0.01, "static_groups": True,
             "true_sequential": True, "mse": False, "method": "gptq", "dataset": "wikitext2",
             "calibration_seed": 3, "calibration_dtype": "bfloat16", "hessian_inputs": "quantized",
+            "prompt_template": None, "system_prompt": None,
         },
     }
     assert json.loads(json.dumps(d)) == d  # plain JSON types only (no enums, no tensors)

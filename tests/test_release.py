@@ -213,3 +213,9 @@ def test_publish_to_a_bare_remote_then_download_a_branch_from_it(released, tmp_p
     for name in released.files(branch):
         assert (out / name).read_bytes() == released.read(branch, name), name
     assert quantpress.load(out).format_info.bits == 8
+
+
+def test_branches_record_the_prompt_format_for_chat_and_serve(released):
+    for branch in BRANCHES:
+        meta = json.loads(released.read(branch, "quantize_config.json"))["meta"]
+        assert (meta["prompt_template"], meta["system_prompt"]) == ("none", None)

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from quantpress import api
-from quantpress.config import CalibrationConfig, Method, QuantConfig, variant_name
+from quantpress import api, prompts
+from quantpress.config import CalibrationConfig, ChatConfig, Method, QuantConfig, variant_name
 from quantpress.errors import QuantpressError
 from quantpress.formats.hf_folder import read_json
 from quantpress.runtime.sampling import SamplingParams
@@ -45,6 +45,12 @@ def _eval_with_bar(model, dataset: str, seqlen: Optional[int], label: str, max_w
                             on_window=lambda done, total: bar.update(task, completed=done, total=total))
 
 
+def _chat_config(template: Optional[str], system_prompt: Optional[str]) -> ChatConfig:
+    if template is not None:
+        prompts.prompt_template(template)  # an unknown name fails before any work
+    return ChatConfig(template, system_prompt)
+
+
 @app.command()
 def quantize(
     model_dir: Annotated[Optional[Path], typer.Argument(help="Hugging Face model folder (default: the bundled tiny Llama)")] = None,
@@ -66,6 +72,9 @@ def quantize(
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="wikitext-2 perplexity before and after"),
     eval_windows: Optional[int] = typer.Option(None, help="evaluate on the first N windows only"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    prompt_template: Optional[str] = typer.Option(None, help="record the model's prompt format for chat/serve "
+                                                  "(vicuna, llama-2-chat, chatml, ...)"),
+    system_prompt: Optional[str] = typer.Option(None, help="record a default system prompt"),
 ) -> None:
     """Quantize a model folder into a GPTQ checkpoint (runs the bundled model when no folder is given)."""
     model_dir = model_dir or api.bundled_model_dir()
@@ -79,7 +88,7 @@ def quantize(
     with _progress() as bar:
         task = bar.add_task(f"quantizing {model_dir.name} ({variant_name(quant)})", total=None)
         report = api.quantize(model_dir, out_dir, quant, calibration if method is Method.GPTQ else None,
-                              overwrite=overwrite,
+                              overwrite=overwrite, chat=_chat_config(prompt_template, system_prompt),
                               progress=lambda _stage, done, total: bar.update(task, completed=done, total=total))
     after = _eval_with_bar(out_dir, "wikitext2", None, "quantized", eval_windows) if evaluate else None
 

@@ -76,6 +76,15 @@ class CalibrationConfig:
             raise ConfigError(f"seqlen must be at least 2, got {self.seqlen}")
 
 
+@dataclass(frozen=True)
+class ChatConfig:
+    """How the model expects to be prompted. Written to quantize_config.json `meta` so `chat` and
+    `serve` pick the format up with no flags (the model card shows the same template)."""
+
+    template: str | None = None  # a quantpress.prompts.TEMPLATES name; None: not recorded
+    system_prompt: str | None = None  # None: the template's default
+
+
 def variant_name(quant: QuantConfig) -> str:
     """The branch/folder name of a variant, TheBloke's convention: `gptq-4bit-128g-actorder_True`,
     and `gptq-8bit--1g-actorder_True` for one group per row."""

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from quantpress import __version__
 from quantpress.calibration import calibration_examples
-from quantpress.config import CalibrationConfig, Method, QuantConfig, variant_name
+from quantpress.config import CalibrationConfig, ChatConfig, Method, QuantConfig, variant_name
 from quantpress.errors import ConfigError, OutputExistsError, UnsupportedArchitecture
 from quantpress.formats.gptq_config import quantize_config_dict
 from quantpress.formats.gptq_tensors import (
@@ -106,11 +106,13 @@ def quantize(
     batch_size: int = 8,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Progress | None = None,
+    chat: ChatConfig = ChatConfig(),
 ) -> QuantizeReport:
     """Quantize a local Hugging Face causal-LM folder into a GPTQ folder.
 
     `examples` ([n, seqlen] int64) replaces sampling from `calibration.dataset`, e.g. to give two
-    tools identical windows. RTN needs no calibration; pass `calibration=None` for it.
+    tools identical windows. RTN needs no calibration; pass `calibration=None` for it. `chat` is
+    recorded in quantize_config.json for chat/serve.
     """
     started = time.perf_counter()
     if quant.method is Method.GPTQ and calibration is None:
@@ -124,7 +126,7 @@ def quantize(
         examples = _resolve_examples(source.path, config, calibration, examples)
     job.done = _prepare_staging(job.staging, _fingerprint(source, quant, calibration, examples, job.hessian_inputs))
     _quantize_layers(source, arch, config, quant, calibration, examples, job.staging, job.done, batch_size, progress)
-    return _finish(source, arch, config, job, calibration, max_shard_bytes, overwrite, started)
+    return _finish(source, arch, config, job, calibration, max_shard_bytes, overwrite, started, chat)
 
 
 def quantize_shared(
@@ -137,6 +139,7 @@ def quantize_shared(
     batch_size: int = 8,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Progress | None = None,
+    chat: ChatConfig = ChatConfig(),
 ) -> list[QuantizeReport]:
     """Quantize several GPTQ variants from ONE pass of the full-precision model over the data.
 
@@ -162,7 +165,7 @@ def quantize_shared(
     for job in jobs:
         job.done = _prepare_staging(job.staging, _fingerprint(source, job.quant, calibration, examples, job.hessian_inputs))
     _quantize_layers_shared(source, arch, config, jobs, calibration, examples, batch_size, progress)
-    return [_finish(source, arch, config, job, calibration, max_shard_bytes, overwrite, started) for job in jobs]
+    return [_finish(source, arch, config, job, calibration, max_shard_bytes, overwrite, started, chat) for job in jobs]
 
 
 @dataclass
@@ -194,8 +197,8 @@ def _open_source(model_dir: str | Path) -> tuple[ModelFolder, Architecture, obje
 
 
 def _finish(source, arch, config, job: _Job, calibration, max_shard_bytes: int, overwrite: bool,
-            started: float) -> QuantizeReport:
-    _assemble(source, job.staging, arch, job.quant, calibration, max_shard_bytes, job.hessian_inputs)
+            started: float, chat: ChatConfig) -> QuantizeReport:
+    _assemble(source, job.staging, arch, job.quant, calibration, max_shard_bytes, job.hessian_inputs, chat)
     stats = _write_log(job.staging)
     _publish(job.staging, job.out_dir, overwrite)
     size = sum(p.stat().st_size for p in job.out_dir.glob("*.safetensors"))
@@ -383,14 +386,14 @@ def _load_staged_into(layer, file: Path, prefix: str, arch: Architecture, quant:
             linear.bias.data = staged.get(f"{prefix}{name}.bias").to(linear.bias.dtype)
 
 
-def _assemble(source, staging, arch, quant, calibration, max_shard_bytes, hessian_inputs: str) -> None:
+def _assemble(source, staging, arch, quant, calibration, max_shard_bytes, hessian_inputs: str, chat: ChatConfig) -> None:
     """Final weight files + configs, all inside the staging folder."""
     staged = TensorFiles(sorted((staging / "layers").glob("layer-*.safetensors")))
     _write_weights(source, staged, arch, quant, staging, max_shard_bytes)
     fmt = checkpoint_format_for(quant)
     qconfig = quantize_config_dict(quant, calibration, fmt, tool_version=__version__,
                                    model_name_or_path=source.config.get("_name_or_path"),
-                                   hessian_inputs=hessian_inputs if calibration is not None else None)
+                                   hessian_inputs=hessian_inputs if calibration is not None else None, chat=chat)
     atomic_write_json(staging / "quantize_config.json", qconfig)
     atomic_write_json(staging / "config.json", {**source.config, "quantization_config": qconfig})
     copy_side_files(source.path, staging)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
-from quantpress.config import SUPPORTED_BITS, CalibrationConfig, QuantConfig
+from quantpress.config import SUPPORTED_BITS, CalibrationConfig, ChatConfig, QuantConfig
 from quantpress.errors import CheckpointError
 from quantpress.formats.gptq_tensors import CheckpointFormat
 
@@ -49,6 +49,7 @@ def quantize_config_dict(
     tool_version: str,
     model_name_or_path: str | None = None,
     hessian_inputs: str | None = "quantized",
+    chat: ChatConfig = ChatConfig(),
 ) -> dict[str, Any]:
     """The dict written as quantize_config.json and as config.json["quantization_config"].
 
@@ -94,6 +95,9 @@ def quantize_config_dict(
             # "quantized": sequential GPTQ, each layer's Hessians from the quantized layers before it;
             # "full_precision": one shared calibration pass over the unquantized model (quantize_shared)
             "hessian_inputs": None if calibration is None else hessian_inputs,
+            # the prompt format (quantpress.prompts) chat/serve use when no --template is given
+            "prompt_template": chat.template,
+            "system_prompt": chat.system_prompt,
         },
     }
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from quantpress import __version__
 from quantpress.api import default_seqlen, evaluate
 from quantpress.calibration import calibration_examples
-from quantpress.config import CalibrationConfig
+from quantpress.config import CalibrationConfig, ChatConfig
 from quantpress.formats.hf_folder import ModelFolder, atomic_write_json
 from quantpress.models.arch import architecture_for
 from quantpress.pipeline import quantize, quantize_shared
@@ -86,17 +86,18 @@ def release(
     source = ModelFolder(model_dir)
     architecture_for(source.config)  # fail before any work on an unsupported family
     examples = _calibration_sets(model_dir, recipe)
-    fingerprints = {v.branch: _fingerprint(source, v, examples[v.calibration], shared_calibration, evaluation)
+    chat = ChatConfig(recipe.model.prompt_template, recipe.model.system_prompt)
+    fingerprints = {v.branch: _fingerprint(source, v, examples[v.calibration], shared_calibration, evaluation, chat)
                     for v in recipe.variants}
     baseline = _baseline(source, repo.work_dir, evaluation)
 
     todo = [v for v in recipe.variants if not _committed(repo, v.branch, fingerprints[v.branch])]
     pending = [v for v in todo if not _quantized(repo, v.branch, fingerprints[v.branch])]
     if shared_calibration:
-        _quantize_shared(model_dir, repo, pending, examples, fingerprints, batch_size, progress)
+        _quantize_shared(model_dir, repo, pending, examples, fingerprints, chat, batch_size, progress)
     for v in todo:  # one variant at a time: at most one unpublished variant folder on disk
         if not _quantized(repo, v.branch, fingerprints[v.branch]):
-            _quantize_one(model_dir, repo, v, examples[v.calibration], fingerprints[v.branch], batch_size, progress)
+            _quantize_one(model_dir, repo, v, examples[v.calibration], fingerprints[v.branch], chat, batch_size, progress)
         result = _measure(repo, v, fingerprints[v.branch], shared_calibration, evaluation, progress)
         _commit_model(repo, v.branch, result)
 
@@ -115,13 +116,14 @@ def _calibration_sets(model_dir: Path, recipe: Recipe) -> dict[CalibrationConfig
     return {c: calibration_examples(tokenizer, c) for c in dict.fromkeys(v.calibration for v in recipe.variants)}
 
 
-def _fingerprint(source: ModelFolder, variant: Variant, examples: Tensor, shared: bool, evaluation: EvalSettings) -> str:
+def _fingerprint(source: ModelFolder, variant: Variant, examples: Tensor, shared: bool, evaluation: EvalSettings,
+                 chat: ChatConfig) -> str:
     """Everything a variant's files and numbers depend on (its description only reaches the card)."""
     quant = {k: getattr(v, "value", v) for k, v in asdict(variant.quant).items()}
     record = {"quantpress": __version__, "config": source.config, "files": _weight_stamps(source), "quant": quant,
               "calibration": asdict(variant.calibration),
               "examples_sha256": hashlib.sha256(examples.numpy().tobytes()).hexdigest(),
-              "hessian_inputs": _hessian_inputs(shared), "evaluation": asdict(evaluation)}
+              "hessian_inputs": _hessian_inputs(shared), "evaluation": asdict(evaluation), "chat": asdict(chat)}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -183,21 +185,24 @@ def _on_layer(progress: ReleaseProgress | None, branch: str):
     return None if progress is None else (lambda _stage, done, total: progress("quantize", branch, done, total))
 
 
-def _quantize_one(model_dir, repo, variant: Variant, examples: Tensor, fingerprint: str, batch_size, progress) -> None:
+def _quantize_one(model_dir, repo, variant: Variant, examples: Tensor, fingerprint: str, chat: ChatConfig, batch_size,
+                  progress) -> None:
     report = quantize(model_dir, _variant_dir(repo, variant.branch), variant.quant, variant.calibration,
                       examples=examples, overwrite=True, batch_size=batch_size,
-                      progress=_on_layer(progress, variant.branch))
+                      progress=_on_layer(progress, variant.branch), chat=chat)
     _mark_quantized(repo, variant.branch, fingerprint, report.seconds, report.resumed_layers)
 
 
-def _quantize_shared(model_dir, repo, pending: list[Variant], examples, fingerprints, batch_size, progress) -> None:
+def _quantize_shared(model_dir, repo, pending: list[Variant], examples, fingerprints, chat: ChatConfig, batch_size,
+                     progress) -> None:
     """One full-precision pass per calibration set serves all its variants (pipeline.quantize_shared)."""
     for calibration in dict.fromkeys(v.calibration for v in pending):
         group = [v for v in pending if v.calibration == calibration]
         targets = [(_variant_dir(repo, v.branch), replace(v.quant, true_sequential=False)) for v in group]
         started = time.perf_counter()
         reports = quantize_shared(model_dir, targets, calibration, examples=examples[calibration], overwrite=True,
-                                  batch_size=batch_size, progress=_on_layer(progress, ",".join(v.branch for v in group)))
+                                  batch_size=batch_size, progress=_on_layer(progress, ",".join(v.branch for v in group)),
+                                  chat=chat)
         seconds = (time.perf_counter() - started) / len(group)  # the shared pass, split evenly
         for v, report in zip(group, reports):
             _mark_quantized(repo, v.branch, fingerprints[v.branch], seconds, report.resumed_layers)

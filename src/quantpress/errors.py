@@ -45,3 +45,16 @@ class PromptTooLong(QuantpressError):
 
 class DownloadError(QuantpressError):
     """A release could not be fetched, or what arrived does not match the source's checksums."""
+
+
+class TemplateError(QuantpressError):
+    """A conversation cannot be rendered in the chosen prompt format (roles out of order, a chat
+    template that raises or does not parse)."""
+
+
+class Overloaded(QuantpressError):
+    """The server already holds as many requests (waiting or running) as it accepts; retry later."""
+
+
+class GenerationFailed(QuantpressError):
+    """Generation stopped inside the engine (a model error, or the server shutting down)."""

@@ -221,6 +221,63 @@ def download(
         console.print(f"[yellow]kept files this branch does not have:[/yellow] {', '.join(report.left_over)}")
 
 
+@app.command()
+def chat(
+    model_dir: Path = typer.Argument(..., help="full-precision or GPTQ model folder"),
+    system: Optional[str] = typer.Option(None, help="system prompt (default: the recorded one, else the template's)"),
+    template: Optional[str] = typer.Option(None, help="prompt format (default: recorded in quantize_config.json, "
+                                           "else the tokenizer's chat_template)"),
+    max_new_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(DEFAULT_S.temperature, help="0 for greedy"),
+    top_p: float = typer.Option(DEFAULT_S.top_p),
+    top_k: int = typer.Option(DEFAULT_S.top_k, help="0 disables"),
+    repetition_penalty: float = typer.Option(DEFAULT_S.repetition_penalty),
+    seed: Optional[int] = typer.Option(None),
+) -> None:
+    """Chat in the terminal: replies stream as they are generated; /reset starts over, /exit or EOF ends."""
+    from quantpress.prompts import chat_formatter
+    from quantpress.runtime.chat import chat_loop
+
+    loaded = api.load(model_dir)
+    formatter = chat_formatter(loaded, template)
+    params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    console.print(f"[dim]{model_dir.name}, prompt format {formatter.name}; /reset, /exit[/dim]")
+
+    def read() -> Optional[str]:
+        try:
+            return input(">>> ")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C end the chat cleanly
+            print()
+            return None
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    chat_loop(loaded, formatter, params, system=system, read=read, write=write)
+
+
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="full-precision or GPTQ model folder"),
+    host: str = typer.Option("127.0.0.1", help="0.0.0.0 to listen on every interface"),
+    port: int = typer.Option(8080),
+    model_id: Optional[str] = typer.Option(None, help="name in /info and OpenAI responses (default: the folder name)"),
+    max_input_tokens: Optional[int] = typer.Option(None, help="default: the model's context - 1"),
+    max_total_tokens: Optional[int] = typer.Option(None, help="input + new tokens (default: the model's context)"),
+    max_concurrent_requests: int = typer.Option(128, help="running + waiting; more get 429"),
+    max_batch_size: int = typer.Option(16, help="sequences decoded together"),
+    template: Optional[str] = typer.Option(None, help="chat prompt format for /v1/chat/completions"),
+) -> None:
+    """Serve a model over HTTP: TGI routes (/generate, /generate_stream, ...) and OpenAI routes (/v1/...)."""
+    from quantpress.server.app import ServerSettings, serve as run_server
+
+    settings = ServerSettings(model_id=model_id or model_dir.name, max_input_tokens=max_input_tokens,
+                              max_total_tokens=max_total_tokens, max_concurrent_requests=max_concurrent_requests,
+                              max_batch_size=max_batch_size, template=template)
+    run_server(model_dir, host, port, settings)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,4 +1,4 @@
-"""Token sampling: temperature, top-k, top-p, repetition penalty — small pure functions.
+"""Token sampling: temperature, top-k, top-p, typical-p, repetition penalty — small pure functions.
 
 Each request carries its own `torch.Generator`, so a seeded request samples the same tokens
 whatever else runs in the process (no global RNG state).
@@ -65,6 +65,31 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     drop = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter(-1, order, sorted_logits)
+
+
+def typical_p_filter(logits: Tensor, mass: float) -> Tensor:
+    """Locally typical sampling (Meister et al. 2022), as transformers' TypicalLogitsWarper: keep
+    the tokens whose surprisal is closest to the distribution's entropy, up to probability `mass`.
+    `logits` [..., vocab]."""
+    if mass >= 1.0:
+        return logits
+    logp = logits.log_softmax(-1)
+    entropy = -(logp * logp.exp()).nansum(-1, keepdim=True)  # nansum: -inf logits give 0 * -inf
+    distance, order = torch.sort((-logp - entropy).abs(), dim=-1)  # most typical first
+    cumulative = logits.gather(-1, order).softmax(-1).cumsum(-1)
+    last = (cumulative < mass).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)  # first index reaching mass
+    drop_sorted = distance > distance.gather(-1, last)
+    drop_sorted[..., :1] = False  # always keep the most typical token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def warp(logits: Tensor, temperature: float, top_k: int, top_p: float, typical_p: float) -> Tensor:
+    """Temperature, then top-k, top-p and typical-p filtering: the order of transformers' and TGI's
+    logits warpers. 1.0 / 0 / 1.0 / 1.0 disable each."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    return typical_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), typical_p)
 
 
 def sample_next(logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator) -> int:

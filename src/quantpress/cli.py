@@ -268,13 +268,15 @@ def serve(
     max_concurrent_requests: int = typer.Option(128, help="running + waiting; more get 429"),
     max_batch_size: int = typer.Option(16, help="sequences decoded together"),
     template: Optional[str] = typer.Option(None, help="chat prompt format for /v1/chat/completions"),
+    batch_invariant: bool = typer.Option(False, help="a seeded request gives bitwise the same text alone and "
+                                         "under load (fixed GEMM shapes; ~2x slower single stream)"),
 ) -> None:
     """Serve a model over HTTP: TGI routes (/generate, /generate_stream, ...) and OpenAI routes (/v1/...)."""
     from quantpress.server.app import ServerSettings, serve as run_server
 
     settings = ServerSettings(model_id=model_id or model_dir.name, max_input_tokens=max_input_tokens,
                               max_total_tokens=max_total_tokens, max_concurrent_requests=max_concurrent_requests,
-                              max_batch_size=max_batch_size, template=template)
+                              max_batch_size=max_batch_size, template=template, batch_invariant=batch_invariant)
     run_server(model_dir, host, port, settings)
 
 

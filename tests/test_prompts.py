@@ -284,14 +284,14 @@ def add_bos_post_processor(path: Path) -> None:
 
 def test_resolution_order(folder):
     assert folder_formatter(folder, None).name == "none"  # nothing recorded, no chat_template
-    edit_json(folder / "tokenizer_config.json", chat_template=CHATML_JINJA)
-    assert folder_formatter(folder, None).name == "model"
     edit_json(folder / "config.json", quantization_config={"quant_method": "gptq", "meta": {"prompt_template": "alpaca"}})
     assert folder_formatter(folder, None).name == "alpaca"
     edit_json(folder / "quantize_config.json", bits=4, meta={"prompt_template": "vicuna"})
     formatter = folder_formatter(folder, None)
     assert (formatter.name, formatter.stop) == ("vicuna", ("</s>", "USER:"))
-    assert folder_formatter(folder, None, "chatml").name == "chatml"  # an explicit name wins
+    edit_json(folder / "tokenizer_config.json", chat_template=CHATML_JINJA)
+    assert folder_formatter(folder, None).name == "model"  # the model's own chat_template wins over a recorded one
+    assert folder_formatter(folder, None, "chatml").name == "chatml"  # an explicit name wins over both
     forced = folder_formatter(folder, None, "model")
     assert forced.name == "model" and forced.stop == ()
     assert forced.render(conv("u1")) == "<|im_start|>user\nu1<|im_end|>\n<|im_start|>assistant\n"

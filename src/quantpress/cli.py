@@ -225,8 +225,8 @@ def download(
 def chat(
     model_dir: Path = typer.Argument(..., help="full-precision or GPTQ model folder"),
     system: Optional[str] = typer.Option(None, help="system prompt (default: the recorded one, else the template's)"),
-    template: Optional[str] = typer.Option(None, help="prompt format (default: recorded in quantize_config.json, "
-                                           "else the tokenizer's chat_template)"),
+    template: Optional[str] = typer.Option(None, help="prompt format (default: the tokenizer's chat_template, "
+                                           "else the one recorded in quantize_config.json)"),
     max_new_tokens: int = typer.Option(256),
     temperature: float = typer.Option(DEFAULT_S.temperature, help="0 for greedy"),
     top_p: float = typer.Option(DEFAULT_S.top_p),

@@ -3,10 +3,11 @@
 Which format (`chat_formatter(loaded, template)`):
 1. `template` when given: a registry name (quantpress.prompts.TEMPLATES), or "model" for the
    tokenizer's own chat_template;
-2. else the name the release recorded: quantize_config.json `meta.prompt_template`, else
-   config.json `quantization_config.meta.prompt_template`;
-3. else the tokenizer's chat_template: `chat_template.jinja`, else tokenizer_config.json
+2. else the model's own chat_template, which wins when present (it is its authors' format, and
+   what TGI, vLLM and transformers use): `chat_template.jinja`, else tokenizer_config.json
    "chat_template" (a string, or a list of {name, template}: "default", else the first);
+3. else the name the release recorded, for the many models that ship without one:
+   quantize_config.json `meta.prompt_template`, else config.json `quantization_config.meta`;
 4. else "none" (the text as typed).
 A recorded `meta.system_prompt` is the system prompt of every conversation that brings none.
 
@@ -77,10 +78,13 @@ def folder_formatter(path: str | Path, tokenizer: Any, template: str | None = No
     if config is None:
         config = read_json(path / "config.json") if (path / "config.json").exists() else {}
     recorded_template, system = recorded_chat(path, config)
-    name = template if template is not None else recorded_template
-    source = model_chat_template(path) if name in (None, MODEL_TEMPLATE) else None
-    if name is None:
-        name = MODEL_TEMPLATE if source is not None else "none"
+    source = model_chat_template(path) if template in (None, MODEL_TEMPLATE) else None
+    if template is not None:
+        name = template
+    elif source is not None:
+        name = MODEL_TEMPLATE
+    else:
+        name = recorded_template or "none"
     add_bos = tokenizer is not None and tokenizer_adds_bos(tokenizer)
     if name == MODEL_TEMPLATE:
         if source is None:

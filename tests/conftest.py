@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from peers.tiny_models import calibration_ids, save_tiny_model
+
+import quantpress
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +29,13 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """The bundled model loaded for inference, once per test module: an engine attaches its
+    attention function to the model, so modules do not share one."""
+    return quantpress.load(quantpress.bundled_model_dir())
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from quantpress.api import bundled_model_dir, load
 from quantpress.errors import PromptTooLong
 from quantpress.prompts import chat_formatter
 from quantpress.runtime.chat import (
@@ -24,10 +23,6 @@ from quantpress.runtime.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
-
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    return load(bundled_model_dir())
 
 
 class Session:

@@ -26,10 +26,6 @@ from quantpress.runtime.sampling import typical_p_filter
 PROMPT = "The king said to the"
 
 
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    return quantpress.load(quantpress.bundled_model_dir())
-
 
 @pytest.fixture(scope="module")
 def gptq_loaded(tmp_path_factory) -> LoadedModel:

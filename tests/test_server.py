@@ -16,7 +16,6 @@ from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as HubValidationError
 from server_harness import running, tgi_events
 
-import quantpress
 from quantpress.runtime.generate import complete
 from quantpress.runtime.sampling import SamplingParams
 from quantpress.server import ServerSettings, create_app
@@ -27,10 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:text_generat
 PROMPT = "ROMEO:"
 TIMEOUT = 60.0
 
-
-@pytest.fixture(scope="module")
-def loaded():
-    return quantpress.load(quantpress.bundled_model_dir())
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,6 @@ TIMEOUT = 60.0
 LONG = 480  # new tokens a request would take ~1 s or more to finish: long enough to abandon it
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    return quantpress.load(quantpress.bundled_model_dir())
-
 
 @pytest.fixture(scope="module")
 def app(loaded):

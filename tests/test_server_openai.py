@@ -10,16 +10,11 @@ import torch
 from huggingface_hub import InferenceClient
 from server_harness import openai_events, running
 
-import quantpress
 from quantpress.server import ServerSettings, create_app
 
 TIMEOUT = 60.0
 MESSAGES = [{"role": "user", "content": "ROMEO:"}]
 
-
-@pytest.fixture(scope="module")
-def loaded():
-    return quantpress.load(quantpress.bundled_model_dir())
 
 
 @pytest.fixture(scope="module")

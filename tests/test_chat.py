@@ -10,13 +10,11 @@ import pytest
 
 from quantpress.errors import PromptTooLong
 from quantpress.prompts import chat_formatter
-from quantpress.runtime.chat import (
-    IncrementalDecoder,
-    ReplyFilter,
-    chat_loop,
+from quantpress.runtime.chat import ReplyFilter, chat_loop, fit_conversation
+from quantpress.runtime.detokenize import (
+    IncrementalDetokenizer,
     first_stop,
-    fit_conversation,
-    stop_prefix_len,
+    stop_prefix_length,
 )
 from quantpress.runtime.loader import LoadedModel
 from quantpress.runtime.sampling import SamplingParams
@@ -178,10 +176,10 @@ def test_reply_filter_strips_surrounding_whitespace_and_cuts_at_the_earliest_sto
 
 
 def test_stop_helpers():
-    assert stop_prefix_len("text US", ("USER:",)) == 2
-    assert stop_prefix_len("text USER", ("USER:", "SER: x")) == 4
-    assert stop_prefix_len("text", ("USER:",)) == 0
-    assert stop_prefix_len("U", ("USER:",)) == 1
+    assert stop_prefix_length("text US", ("USER:",)) == 2
+    assert stop_prefix_length("text USER", ("USER:", "SER: x")) == 4
+    assert stop_prefix_length("text", ("USER:",)) == 0
+    assert stop_prefix_length("U", ("USER:",)) == 1
     assert first_stop("ab USER: ### Human:", ("### Human:", "USER:", "")) == 3
     assert first_stop("abc", ("x",)) is None
 
@@ -191,7 +189,7 @@ def test_incremental_decoding_reassembles_multibyte_text(loaded):
     text = "Grüße, 日本語 ✓ — naïve café"
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) > len(text) / 4  # byte-level BPE splits these characters across tokens
-    decoder = IncrementalDecoder(tokenizer)
+    decoder = IncrementalDetokenizer(tokenizer, [])
     pieces = [decoder.push(i) for i in ids]
     assert "".join(pieces) == tokenizer.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from quantpress.errors import CheckpointError, PromptTooLong
+from quantpress.runtime.detokenize import (
+    IncrementalDetokenizer,
+    first_stop,
+    stop_prefix_length,
+)
 from quantpress.runtime.generate import eos_ids, generate_ids
 from quantpress.runtime.loader import LoadedModel
 from quantpress.runtime.sampling import SamplingParams
@@ -100,7 +105,7 @@ def stream_reply(loaded: LoadedModel, prompt_ids: list[int], params: SamplingPar
                  write: Callable[[str], None]) -> str:
     """Generate a reply, writing text as it is decoded; returns exactly what was written: the reply
     without surrounding whitespace, cut before the first stop string."""
-    decoder = IncrementalDecoder(loaded.tokenizer)
+    decoder = IncrementalDetokenizer(loaded.tokenizer, prompt_ids)
     reply = ReplyFilter(stops)
     eos = eos_ids(loaded)
     # closing(): a stop string ends generation early; release the generator's KV cache right away
@@ -113,30 +118,10 @@ def stream_reply(loaded: LoadedModel, prompt_ids: list[int], params: SamplingPar
                 write(released)
             if reply.stopped:
                 break
-    released = reply.finish()
+    released = reply.feed(decoder.flush()) + reply.finish()  # bytes held back for an unfinished character
     if released:
         write(released)
     return reply.text
-
-
-@dataclass
-class IncrementalDecoder:
-    """Token ids -> new text, one token at a time (TGI's prefix/read offsets): each step decodes
-    only a short window, and text ending in an incomplete UTF-8 sequence waits for the next token."""
-
-    tokenizer: Any
-    ids: list[int] = field(default_factory=list)
-    prefix_offset: int = 0
-    read_offset: int = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        text = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
-        if len(text) > len(prefix) and not text.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix):]
-        return ""
 
 
 @dataclass
@@ -166,7 +151,7 @@ class ReplyFilter:
             released, self.pending, self.stopped = buffer[:cut].rstrip(), "", True
         else:
             # hold a possible stop start, and the whitespace before it: it may turn out to be the end
-            keep_from = len(buffer[:len(buffer) - stop_prefix_len(buffer, self.stops)].rstrip())
+            keep_from = len(buffer[:len(buffer) - stop_prefix_length(buffer, self.stops)].rstrip())
             released, self.pending = buffer[:keep_from], buffer[keep_from:]
         self.text += released
         return released
@@ -177,20 +162,3 @@ class ReplyFilter:
         self.pending = ""
         self.text += released
         return released
-
-
-def first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the earliest stop string starts in `text`, or None."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None
-
-
-def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is a proper beginning of some stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best

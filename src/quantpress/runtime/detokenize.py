@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # Prompt tokens decoded in front of the first generated one, so a SentencePiece "▁word" keeps its
 # leading space (decoded alone it would lose it); TGI starts its prefix window 5 tokens back too.
 PROMPT_CONTEXT = 5
@@ -66,3 +68,21 @@ class StopMatcher:
         window = self._tail + text
         self._tail = window[-self._keep:] if self._keep else ""
         return any(stop in window for stop in self._stops)
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in `text`, or None (empty stop strings never match)."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper beginning of some stop string: what a
+    stream that never shows a stop string must hold back until the next text decides."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from quantpress.runtime.detokenize import first_stop, stop_prefix_length
 from quantpress.runtime.engine import TokenEvent
 
 DECODE_WINDOW = 6  # tokens of left context kept when decoding one token's text
@@ -41,19 +42,8 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """`text` up to the first stop string, and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
-def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is the start of a stop string."""
-    longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
+    cut = first_stop(text, stops)
+    return (text, False) if cut is None else (text[:cut], True)
 
 
 def openai_finish_reason(engine_reason: str | None, stopped_by_string: bool) -> str:

@@ -246,12 +246,11 @@ def _resolve_examples(model_dir: Path, config, calibration: CalibrationConfig, e
 def _fingerprint(source: ModelFolder, quant: QuantConfig, calibration: CalibrationConfig | None,
                  examples: Tensor | None, hessian_inputs: str) -> dict:
     """What a staged layer depends on; a staging folder with another fingerprint is discarded."""
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.path.glob("*.safetensors"))
     digest = None if examples is None else hashlib.sha256(examples.numpy().tobytes()).hexdigest()
     return {
         "quantpress": __version__,
         "source_config": source.config,
-        "source_files": files,
+        "source_files": source.weight_stamps(),
         "quant": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(quant).items()},
         "calibration": None if calibration is None else asdict(calibration),
         "examples_sha256": digest,

@@ -161,6 +161,12 @@ class ModelFolder(TensorFiles):
     def shape(self, name: str) -> list[int]:
         return list(self.entry(name).shape)
 
+    def weight_stamps(self) -> list[tuple[str, int, int]]:
+        """(name, size, mtime_ns) of each weight file: what fingerprints of work built on these
+        weights record, so a changed checkpoint invalidates it without hashing gigabytes."""
+        files = sorted(set(self.file_of.values()), key=lambda p: p.name)
+        return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
 
 # safetensors dtype codes; a tensor's byte size follows from the torch dtype's itemsize.
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -120,16 +120,11 @@ def _fingerprint(source: ModelFolder, variant: Variant, examples: Tensor, shared
                  chat: ChatConfig) -> str:
     """Everything a variant's files and numbers depend on (its description only reaches the card)."""
     quant = {k: getattr(v, "value", v) for k, v in asdict(variant.quant).items()}
-    record = {"quantpress": __version__, "config": source.config, "files": _weight_stamps(source), "quant": quant,
+    record = {"quantpress": __version__, "config": source.config, "files": source.weight_stamps(), "quant": quant,
               "calibration": asdict(variant.calibration),
               "examples_sha256": hashlib.sha256(examples.numpy().tobytes()).hexdigest(),
               "hessian_inputs": _hessian_inputs(shared), "evaluation": asdict(evaluation), "chat": asdict(chat)}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def _weight_stamps(source: ModelFolder) -> list[tuple[str, int, int]]:
-    """Name, size and mtime of each weight file: a changed checkpoint invalidates what was built on it."""
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.path.glob("*.safetensors"))
 
 
 def _hessian_inputs(shared: bool) -> str:
@@ -140,7 +135,7 @@ def _baseline(source: ModelFolder, work: Path, evaluation: EvalSettings) -> Base
     """The full-precision perplexity, measured once per source model and eval setting."""
     path = work / "baseline.json"
     key = {"config": source.config, "evaluation": asdict(evaluation),
-           "files": _weight_stamps(source)}
+           "files": source.weight_stamps()}
     if path.exists():
         stored = json.loads(path.read_text())
         if stored.get("key") == json.loads(json.dumps(key)):

@@ -293,13 +293,12 @@ def _fingerprint(base: ModelFolder, adapter_config: dict, weights_file: Path) ->
     """What the merge depends on: the adapter's config and exact weights (hashed: adapters are
     small), and the base's files by name, size and mtime (hashing gigabytes of base weights on
     every release re-run would cost more than the check saves)."""
-    base_files = sorted(set(base.file_of.values()), key=lambda p: p.name)
-    base_files += [base.path / name for name in ("config.json", *TOKENIZER_FILES) if (base.path / name).is_file()]
+    side_files = [base.path / name for name in ("config.json", *TOKENIZER_FILES) if (base.path / name).is_file()]
     inputs = {
         "version": RECORD_VERSION,
         "adapter_config": adapter_config,
         "adapter_weights": {weights_file.name: _sha256(weights_file)},
-        "base_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in base_files],
+        "base_files": base.weight_stamps() + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in side_files],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 

@@ -97,5 +97,5 @@ def sample_next(logits: Tensor, seen: Tensor, params: SamplingParams, generator:
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.greedy:
         return int(logits.argmax())
-    logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
+    logits = warp(logits, params.temperature, params.top_k, params.top_p, typical_p=1.0)
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

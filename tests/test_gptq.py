@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from reference.plain_gptq import plain_gptq
@@ -82,17 +85,43 @@ def test_hessian_accumulator_is_the_running_mean() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_hessian_of_large_inputs_is_fp32_exact_for_either_dtype(dtype) -> None:
-    """Large enough for oneDNN's bf16 (AMX) path: bf16 inputs take it and stay exact, fp32 inputs
-    (values bf16 cannot hold) keep IEEE fp32 GEMMs; the process-wide flag is restored after."""
+    """Large enough for oneDNN's bf16 (AMX) path to matter: the Hessian stays fp32-exact for both."""
     torch.manual_seed(0)
     X = torch.randn(2, 512, 768).to(dtype)
-    before = torch.backends.mkldnn.matmul.fp32_precision
     acc = HessianAccumulator(768)
     acc.add_batch(X)
     flat = X.reshape(-1, 768).double()
     expected = 2 / 2 * flat.t() @ flat
     assert (acc.H.double() - expected).abs().max() <= 1e-6 * expected.abs().max()
-    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_hessian_accumulation_leaves_other_threads_fp32_matmuls_alone() -> None:
+    """Issue 11 #13: accumulating bf16 activations once flipped oneDNN's process-wide fp32
+    precision to bf16, so a server thread's fp32 matmuls ran at bf16 meanwhile. Another thread
+    watches the flag and checks its own fp32 GEMM bit for bit while Hessians accumulate."""
+    torch.manual_seed(0)
+    A, B = torch.randn(256, 768), torch.randn(768, 256)
+    reference = A @ B
+    X = torch.randn(2, 512, 768).bfloat16()
+    stop, seen, mismatches = threading.Event(), set(), []
+
+    def accumulate() -> None:
+        acc = HessianAccumulator(768)
+        while not stop.is_set():
+            acc.add_batch(X)
+
+    worker = threading.Thread(target=accumulate)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            seen.add(torch.backends.mkldnn.matmul.fp32_precision)
+            if not torch.equal(A @ B, reference):
+                mismatches.append(1)
+    finally:
+        stop.set()
+        worker.join()
+    assert "bf16" not in seen and not mismatches, (seen, len(mismatches))
 
 
 def test_hessian_accumulator_rejects_bad_input() -> None:

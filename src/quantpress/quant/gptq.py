@@ -13,8 +13,6 @@ Nothing here touches modules, hooks, devices or files: the pipeline owns those.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,25 +49,12 @@ class HessianAccumulator:
         X = inp.reshape(-1, K).float()  # (B*T, K); a no-op view for contiguous fp32 input
         self.H.mul_(self.nsamples / (self.nsamples + m))
         self.nsamples += m
-        # H += (2/n) X^T X in one fp32 GEMM; alpha avoids materialising sqrt(2/n) * X
-        with _exact_bf16_products(inp.dtype == torch.bfloat16):
-            self.H.addmm_(X.t(), X, alpha=2.0 / self.nsamples)
-
-
-@contextmanager
-def _exact_bf16_products(inputs_are_bf16: bool) -> Iterator[None]:
-    """Let oneDNN run an fp32 GEMM on bf16 units (AMX / AVX512-BF16) when its inputs hold bf16
-    values: converting them to bf16 is then exact, bf16 x bf16 products are exact in fp32, and
-    accumulation and output stay fp32, so the result equals the plain fp32 GEMM's up to
-    summation order, ~2.5x faster here (874 vs 345 GFLOP/s for a 4096x2816 X^T X). fp32 inputs
-    would be rounded, so they keep IEEE precision. The flag is process-wide; restored on exit."""
-    matmul = torch.backends.mkldnn.matmul
-    saved = matmul.fp32_precision
-    matmul.fp32_precision = "bf16" if inputs_are_bf16 else "ieee"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = saved
+        # H += (2/n) X^T X in one IEEE fp32 GEMM; alpha avoids materialising sqrt(2/n) * X.
+        # For bf16 activations oneDNN could run this on bf16 units exactly and ~3x faster, but
+        # only through a process-wide flag (torch.backends.mkldnn.matmul.fp32_precision) that
+        # would also drop every other thread's fp32 matmuls to bf16 meanwhile; there is no
+        # per-call switch on CPU (mm's out_dtype overload is CUDA-only), so we pay the 3x here.
+        self.H.addmm_(X.t(), X, alpha=2.0 / self.nsamples)
 
 
 def damped_cholesky_inverse(

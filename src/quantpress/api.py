@@ -8,16 +8,16 @@ from importlib import resources
 from pathlib import Path
 
 from quantpress.calibration import tokenize
-from quantpress.datasets import load_text
+from quantpress.datasets import check_dataset, load_text
 from quantpress.errors import CheckpointError, ConfigError
 from quantpress.evaluation import perplexity, token_windows
-from quantpress.pipeline import QuantizeReport, quantize
+from quantpress.pipeline import QuantizeReport, preflight, quantize
 from quantpress.runtime.generate import Completion, complete
 from quantpress.runtime.loader import LoadedModel, load
 from quantpress.runtime.sampling import SamplingParams
 
 __all__ = ["Completion", "EvalResult", "LoadedModel", "QuantizeReport", "SamplingParams", "bundled_model_dir",
-           "default_seqlen", "evaluate", "generate", "load", "quantize"]
+           "default_seqlen", "evaluate", "generate", "load", "preflight", "quantize"]
 
 DEFAULT_SEQLEN = 2048  # the GPTQ paper's calibration and evaluation window
 
@@ -55,6 +55,11 @@ def evaluate(
     on_window=None,
 ) -> EvalResult:
     """Perplexity on a bundled set's evaluation split (wikitext-2 test) or any text file."""
+    if seqlen is not None and seqlen < 2:
+        raise ConfigError(f"seqlen must be at least 2 tokens, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
+    check_dataset(dataset)
     loaded = _as_loaded(model)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.path} has no tokenizer; cannot tokenize the evaluation text")

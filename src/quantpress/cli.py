@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Quantize LLMs into GPTQ checkpoints every loader reads; evaluate and run them.")
 console = Console(stderr=True)
 DEFAULT_Q, DEFAULT_C, DEFAULT_S = QuantConfig(), CalibrationConfig(), SamplingParams()
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a u64
 
 
 def _progress() -> Progress:
@@ -65,13 +66,13 @@ def quantize(
     mse: bool = typer.Option(DEFAULT_Q.mse, "--mse/--no-mse", help="search the clipping range"),
     method: Method = typer.Option(DEFAULT_Q.method, help="gptq, or rtn (the baseline)"),
     dataset: str = typer.Option(DEFAULT_C.dataset, help="wikitext2, tinyshakespeare, or a text file"),
-    nsamples: int = typer.Option(DEFAULT_C.nsamples),
-    seqlen: Optional[int] = typer.Option(None, help="default: min(2048, the model's context)"),
-    seed: int = typer.Option(DEFAULT_C.seed),
+    nsamples: int = typer.Option(DEFAULT_C.nsamples, min=1),
+    seqlen: Optional[int] = typer.Option(None, min=2, help="default: min(2048, the model's context)"),
+    seed: int = typer.Option(DEFAULT_C.seed, min=0, max=MAX_SEED),
     compute_dtype: str = typer.Option(DEFAULT_C.compute_dtype, help="calibration forwards: bfloat16 or float32"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="wikitext-2 perplexity before and after"),
-    eval_windows: Optional[int] = typer.Option(None, help="evaluate on the first N windows only"),
-    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    eval_windows: Optional[int] = typer.Option(None, min=1, help="evaluate on the first N windows only"),
+    overwrite: bool = typer.Option(False, help="replace an output folder that quantpress wrote earlier"),
     prompt_template: Optional[str] = typer.Option(None, help="record the model's prompt format for chat/serve "
                                                   "(vicuna, llama-2-chat, chatml, ...)"),
     system_prompt: Optional[str] = typer.Option(None, help="record a default system prompt"),
@@ -83,13 +84,19 @@ def quantize(
                         true_sequential=true_sequential, damp_percent=damp, mse=mse, method=method)
     calibration = CalibrationConfig(dataset, nsamples, seqlen or api.default_seqlen(config), seed, compute_dtype)
     out_dir = out_dir or Path("quantpress-out") / f"{model_dir.name}-{variant_name(quant)}"
+    chat = _chat_config(prompt_template, system_prompt)
+    api.preflight(model_dir, out_dir, quant, calibration, overwrite=overwrite)  # fail before any forward pass
 
     before = _eval_with_bar(model_dir, "wikitext2", None, "full precision", eval_windows) if evaluate else None
     with _progress() as bar:
         task = bar.add_task(f"quantizing {model_dir.name} ({variant_name(quant)})", total=None)
+
+        def show(stage: str, done: int, total: int) -> None:
+            if stage == "layer":  # the publish steps after the last layer are renames: no bar
+                bar.update(task, completed=done, total=total)
+
         report = api.quantize(model_dir, out_dir, quant, calibration if method is Method.GPTQ else None,
-                              overwrite=overwrite, chat=_chat_config(prompt_template, system_prompt),
-                              progress=lambda _stage, done, total: bar.update(task, completed=done, total=total))
+                              overwrite=overwrite, chat=chat, progress=show)
     after = _eval_with_bar(out_dir, "wikitext2", None, "quantized", eval_windows) if evaluate else None
 
     table = Table(title=f"quantpress {variant_name(quant)}")
@@ -110,8 +117,8 @@ def quantize(
 def eval_(
     model_dir: Path = typer.Argument(..., help="full-precision or GPTQ model folder"),
     dataset: str = typer.Option("wikitext2", help="wikitext2 (test split), tinyshakespeare, or a text file"),
-    seqlen: Optional[int] = typer.Option(None, help="window length (default: min(2048, the model's context))"),
-    max_windows: Optional[int] = typer.Option(None, help="evaluate on the first N windows only"),
+    seqlen: Optional[int] = typer.Option(None, min=2, help="window length (default: min(2048, the model's context))"),
+    max_windows: Optional[int] = typer.Option(None, min=1, help="evaluate on the first N windows only"),
 ) -> None:
     """Perplexity as the GPTQ paper computes it: non-overlapping windows, exp of mean NLL."""
     result = _eval_with_bar(model_dir, dataset, seqlen, model_dir.name, max_windows)
@@ -123,12 +130,12 @@ def eval_(
 def generate(
     model_dir: Path = typer.Argument(..., help="full-precision or GPTQ model folder"),
     prompt: str = typer.Option(..., help="text to complete"),
-    max_new_tokens: int = typer.Option(DEFAULT_S.max_new_tokens),
+    max_new_tokens: int = typer.Option(DEFAULT_S.max_new_tokens, min=1),
     temperature: float = typer.Option(DEFAULT_S.temperature, help="0 for greedy"),
     top_p: float = typer.Option(DEFAULT_S.top_p),
     top_k: int = typer.Option(DEFAULT_S.top_k, help="0 disables"),
     repetition_penalty: float = typer.Option(DEFAULT_S.repetition_penalty),
-    seed: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, min=0, max=MAX_SEED),
 ) -> None:
     """Load a folder on CPU and print a completion of the prompt."""
     params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
@@ -146,7 +153,7 @@ def release_(
         False, "--shared-calibration/--sequential",
         help="one full-precision calibration pass for all variants (faster, not sequential GPTQ)"),
     merge_lora: Optional[Path] = typer.Option(None, help="merge this PEFT LoRA adapter into the model first"),
-    eval_windows: Optional[int] = typer.Option(None, help="evaluate on the first N windows only"),
+    eval_windows: Optional[int] = typer.Option(None, min=1, help="evaluate on the first N windows only"),
 ) -> None:
     """Quantize every variant of a recipe, measure each, and write a git repo with a branch per
     variant and a model card; re-running resumes or reuses finished variants."""
@@ -227,12 +234,12 @@ def chat(
     system: Optional[str] = typer.Option(None, help="system prompt (default: the recorded one, else the template's)"),
     template: Optional[str] = typer.Option(None, help="prompt format (default: the tokenizer's chat_template, "
                                            "else the one recorded in quantize_config.json)"),
-    max_new_tokens: int = typer.Option(256),
+    max_new_tokens: int = typer.Option(256, min=1),
     temperature: float = typer.Option(DEFAULT_S.temperature, help="0 for greedy"),
     top_p: float = typer.Option(DEFAULT_S.top_p),
     top_k: int = typer.Option(DEFAULT_S.top_k, help="0 disables"),
     repetition_penalty: float = typer.Option(DEFAULT_S.repetition_penalty),
-    seed: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, min=0, max=MAX_SEED),
 ) -> None:
     """Chat in the terminal: replies stream as they are generated; /reset starts over, /exit or EOF ends."""
     from quantpress.prompts import chat_formatter
@@ -292,7 +299,10 @@ def main() -> None:
             console.print(f"[red]error:[/red] disk full while writing {e.filename or ''}: nothing finished was "
                           "lost; free space and re-run the same command to resume")
             sys.exit(2)
-        raise
+        # Anything else the OS refused (permissions, a read-only mount) is the user's to fix too:
+        # say what and where, without a traceback. Finished work is never lost: outputs are staged.
+        console.print(f"[red]error:[/red] {e.strerror or e}: {e.filename or ''}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ def _read(path: Path, join_rows: bool) -> str:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CalibrationError(f"text file not found: {path}") from None
+    except OSError as e:  # a folder, unreadable, ...
+        raise CalibrationError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise CalibrationError(f"{path} is not UTF-8 text: {e}") from None
     if join_rows:
@@ -49,16 +51,26 @@ def _read(path: Path, join_rows: bool) -> str:
     return text
 
 
+def check_dataset(dataset: str) -> Path | None:
+    """Fail early unless `dataset` is a bundled name or an existing text file; returns the file
+    (None for a bundled set)."""
+    if dataset in BUNDLED:
+        return None
+    path = Path(dataset)
+    if not path.is_file():
+        names = ", ".join(sorted(BUNDLED))
+        found = "a folder" if path.is_dir() else "not found"
+        raise CalibrationError(f"dataset {dataset!r} is neither a bundled set ({names}) nor a text file ({found})")
+    return path
+
+
 def load_text(dataset: str, split: str) -> str:
     """Text of `dataset` (a bundled name or a file path) for split "calibration" or "evaluation"."""
     if split not in ("calibration", "evaluation"):
         raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
-    if dataset in BUNDLED:
+    path = check_dataset(dataset)
+    if path is None:
         entry = BUNDLED[dataset]
         rel = entry.calibration if split == "calibration" else entry.evaluation
         return _read(bundled_data_dir() / rel, entry.join_rows)
-    path = Path(dataset)
-    if not path.exists():
-        names = ", ".join(sorted(BUNDLED))
-        raise CalibrationError(f"dataset {dataset!r} is neither a bundled set ({names}) nor a file")
     return _read(path, join_rows=False)

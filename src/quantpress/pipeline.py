@@ -4,9 +4,11 @@ Memory stays at about one decoder layer plus the calibration activations: the mo
 lives on `meta`, and each layer's weights are read from safetensors, quantized, staged to disk
 and released before the next layer is read.
 
-Outputs are never half-written: work happens in `<out>.partial/`, each finished layer is staged
-there as its own file (so an interrupted run resumes at the next layer), and the folder is
-renamed to `<out>` only when complete.
+Outputs are never half-written: work happens in `<out>.partial/` (staging.py), each finished
+layer is staged there as its own file (so an interrupted run resumes at the next layer), and the
+finished folder is renamed to `<out>` in steps that a killed run resumes from. Every check that
+can run before the first forward pass does (`preflight`): a bad path or setting fails in
+milliseconds, before any work, and `--overwrite` only ever replaces a folder quantpress wrote.
 
 `quantize_shared` writes several variants from one full-precision calibration pass (the release
 factory's `--shared-calibration`); each variant stages and resumes exactly as `quantize` does.
@@ -15,9 +17,7 @@ factory's `--shared-calibration`); each variant stages and resumes exactly as `q
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
-import shutil
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,7 +29,8 @@ from torch import Tensor
 from quantpress import __version__
 from quantpress.calibration import calibration_examples
 from quantpress.config import CalibrationConfig, ChatConfig, Method, QuantConfig, variant_name
-from quantpress.errors import ConfigError, OutputExistsError, UnsupportedArchitecture
+from quantpress.datasets import check_dataset
+from quantpress.errors import CheckpointError, ConfigError, UnsupportedArchitecture
 from quantpress.formats.gptq_config import quantize_config_dict
 from quantpress.formats.gptq_tensors import (
     CheckpointFormat,
@@ -37,11 +38,16 @@ from quantpress.formats.gptq_tensors import (
     to_gptq_tensors,
 )
 from quantpress.formats.hf_folder import (
+    INDEX_NAME,
+    TOKENIZER_FILES,
     ModelFolder,
     TensorFiles,
     atomic_save_tensors,
     atomic_write_json,
     copy_side_files,
+    has_tokenizer,
+    load_tokenizer,
+    read_json,
     write_sharded,
 )
 from quantpress.layerwise import (
@@ -62,8 +68,9 @@ from quantpress.models.skeleton import (
     release,
     return_freed_memory,
 )
+from quantpress.outputs import check_disjoint, check_replaceable, check_writable, resolved
+from quantpress.staging import Staging
 
-log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 MAX_SHARD_BYTES = 5 * 10**9  # the Hub's conventional shard size
@@ -119,14 +126,23 @@ def quantize(
         raise ConfigError("GPTQ needs a calibration config (only RTN runs without data)")
     if quant.method is Method.RTN:
         calibration = examples = None  # RTN reads no data; nothing about data goes in its config
-    job = _Job(Path(out_dir), quant)
-    job.check_free(overwrite)
-    source, arch, config = _open_source(model_dir)
+    job = _Job(resolved(out_dir), quant)
+    source, arch, config = _preflight(model_dir, [job], calibration, examples, overwrite=overwrite)
     if calibration is not None:
         examples = _resolve_examples(source.path, config, calibration, examples)
-    job.done = _prepare_staging(job.staging, _fingerprint(source, quant, calibration, examples, job.hessian_inputs))
-    _quantize_layers(source, arch, config, quant, calibration, examples, job.staging, job.done, batch_size, progress)
-    return _finish(source, arch, config, job, calibration, max_shard_bytes, overwrite, started, chat)
+    job.open(_fingerprint(source, quant, calibration, examples, job.hessian_inputs))
+    if not job.staging.assembled:
+        _quantize_layers(source, arch, config, quant, calibration, examples, job.staging, job.done, batch_size,
+                         progress)
+    return _finish(source, arch, config, job, calibration, max_shard_bytes, started, chat, progress)
+
+
+def preflight(model_dir: str | Path, out_dir: str | Path, quant: QuantConfig = QuantConfig(),
+              calibration: CalibrationConfig | None = CalibrationConfig(), *, overwrite: bool = False) -> None:
+    """Run every check `quantize` runs before its first forward pass, and nothing else: callers
+    with work of their own before quantizing (the CLI's full-precision evaluation) call it first."""
+    _preflight(model_dir, [_Job(resolved(out_dir), quant)], calibration if quant.method is Method.GPTQ else None,
+               None, overwrite=overwrite)
 
 
 def quantize_shared(
@@ -152,20 +168,21 @@ def quantize_shared(
     as `quantize` does.
     """
     started = time.perf_counter()
-    jobs = [_Job(Path(out), quant, hessian_inputs="full_precision") for out, quant in targets]
+    jobs = [_Job(resolved(out), quant, hessian_inputs="full_precision") for out, quant in targets]
     for job in jobs:
         if job.quant.method is not Method.GPTQ or job.quant.true_sequential:
             raise ConfigError("shared calibration is for GPTQ with true_sequential=False: every Hessian "
                               f"comes from the full-precision model ({variant_name(job.quant)})")
-        job.check_free(overwrite)
-    if len({job.staging for job in jobs}) != len(jobs):
+    if len({job.out_dir for job in jobs}) != len(jobs):
         raise ConfigError("two shared-calibration targets have the same output folder")
-    source, arch, config = _open_source(model_dir)
+    source, arch, config = _preflight(model_dir, jobs, calibration, examples, overwrite=overwrite)
     examples = _resolve_examples(source.path, config, calibration, examples)
     for job in jobs:
-        job.done = _prepare_staging(job.staging, _fingerprint(source, job.quant, calibration, examples, job.hessian_inputs))
-    _quantize_layers_shared(source, arch, config, jobs, calibration, examples, batch_size, progress)
-    return [_finish(source, arch, config, job, calibration, max_shard_bytes, overwrite, started, chat) for job in jobs]
+        job.open(_fingerprint(source, job.quant, calibration, examples, job.hessian_inputs))
+    todo = [job for job in jobs if not job.staging.assembled]
+    if todo:
+        _quantize_layers_shared(source, arch, config, todo, calibration, examples, batch_size, progress)
+    return [_finish(source, arch, config, job, calibration, max_shard_bytes, started, chat, progress) for job in jobs]
 
 
 @dataclass
@@ -178,12 +195,51 @@ class _Job:
     done: int = 0
 
     @property
-    def staging(self) -> Path:
-        return self.out_dir.with_name(self.out_dir.name + ".partial")
+    def staging(self) -> Staging:
+        return Staging(self.out_dir)
 
-    def check_free(self, overwrite: bool) -> None:
-        if self.out_dir.exists() and not overwrite:
-            raise OutputExistsError(f"{self.out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    def open(self, fingerprint: dict) -> None:
+        self.done = int(self.staging.open(fingerprint).get("layers_done", 0))
+
+
+def _preflight(model_dir: str | Path, jobs: Sequence[_Job], calibration: CalibrationConfig | None,
+               examples: Tensor | None, *, overwrite: bool) -> tuple[ModelFolder, Architecture, object]:
+    """Every check that needs no forward pass, before any work: where the outputs go, the source
+    folder and its tensors, the calibration text and tokenizer."""
+    dataset = None
+    if calibration is not None and examples is None:
+        dataset = check_dataset(calibration.dataset)
+    for job in jobs:
+        check_disjoint(job.out_dir, {"model folder": model_dir, "calibration text": dataset})
+        job.staging.recover()
+        check_replaceable(job.out_dir, overwrite=overwrite, ours=not_a_quantized_folder, what="quantized model")
+        job.staging.check_ours()
+        check_writable(job.staging.path)
+    source, arch, config = _open_source(model_dir)
+    if calibration is not None and examples is None and not has_tokenizer(source.path):
+        raise CheckpointError(f"{source.path} has no tokenizer (tokenizer.json or tokenizer.model), which GPTQ "
+                              "needs to tokenize its calibration text; copy the base model's tokenizer files in")
+    return source, arch, config
+
+
+# What a quantize output holds: the only files `--overwrite` may replace.
+_OUTPUT_FILES = {"config.json", "quantize_config.json", "quantize_log.json", INDEX_NAME, *TOKENIZER_FILES}
+_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def not_a_quantized_folder(folder: Path) -> str | None:
+    """None when `folder` is a quantize output (quantpress's quantizer in quantize_config.json,
+    nothing but the files quantize writes); else why not."""
+    try:
+        quantizers = read_json(folder / "quantize_config.json").get("meta", {}).get("quantizer") or []
+    except CheckpointError as e:
+        return str(e)
+    if not any(str(q).startswith("quantpress:") for q in quantizers):
+        return "its quantize_config.json was written by another tool"
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _OUTPUT_FILES and not _SHARD.fullmatch(p.name))
+    if foreign:
+        return f"it holds files quantize does not write: {', '.join(foreign[:5])}"
+    return None
 
 
 def _open_source(model_dir: str | Path) -> tuple[ModelFolder, Architecture, object]:
@@ -196,11 +252,15 @@ def _open_source(model_dir: str | Path) -> tuple[ModelFolder, Architecture, obje
     return source, arch, config
 
 
-def _finish(source, arch, config, job: _Job, calibration, max_shard_bytes: int, overwrite: bool,
-            started: float, chat: ChatConfig) -> QuantizeReport:
-    _assemble(source, job.staging, arch, job.quant, calibration, max_shard_bytes, job.hessian_inputs, chat)
-    stats = _write_log(job.staging)
-    _publish(job.staging, job.out_dir, overwrite)
+def _finish(source, arch, config, job: _Job, calibration, max_shard_bytes: int, started: float, chat: ChatConfig,
+            progress: Progress | None) -> QuantizeReport:
+    staging = job.staging
+    stats = [ModuleStat(**m) for m in staging.state()["modules"]]
+    if not staging.assembled:
+        final = staging.begin_final()
+        _assemble(source, staging, final, arch, job.quant, calibration, max_shard_bytes, job.hessian_inputs, chat)
+        atomic_write_json(final / "quantize_log.json", [asdict(m) for m in stats])
+    staging.publish(None if progress is None else lambda step, total: progress("publish", step, total))
     size = sum(p.stat().st_size for p in job.out_dir.glob("*.safetensors"))
     return QuantizeReport(job.out_dir, job.quant, calibration, checkpoint_format_for(job.quant),
                           time.perf_counter() - started, size, config.num_hidden_layers, job.done, stats)
@@ -233,9 +293,7 @@ def _resolve_examples(model_dir: Path, config, calibration: CalibrationConfig, e
     if max_len is not None and calibration.seqlen > max_len:
         raise ConfigError(f"calibration seqlen {calibration.seqlen} exceeds the model's max_position_embeddings {max_len}")
     if examples is None:
-        from transformers import AutoTokenizer
-
-        examples = calibration_examples(AutoTokenizer.from_pretrained(model_dir), calibration)
+        examples = calibration_examples(load_tokenizer(model_dir), calibration)
     if examples.ndim != 2 or examples.dtype != torch.int64:
         raise ConfigError(f"examples must be an int64 [n, seqlen] tensor, got {examples.dtype} {list(examples.shape)}")
     if int(examples.max()) >= config.vocab_size or int(examples.min()) < 0:
@@ -258,24 +316,8 @@ def _fingerprint(source: ModelFolder, quant: QuantConfig, calibration: Calibrati
     }
 
 
-def _prepare_staging(staging: Path, fingerprint: dict) -> int:
-    """Create or reuse `<out>.partial`; returns how many layers are already staged there."""
-    manifest = staging / "progress.json"
-    if staging.exists():
-        state = json.loads(manifest.read_text()) if manifest.exists() else {}
-        if state.get("fingerprint") == json.loads(json.dumps(fingerprint)):
-            done = int(state.get("layers_done", 0))
-            log.info("resuming %s: %d layers already quantized", staging, done)
-            return done
-        log.info("discarding %s: it was made with other settings", staging)
-        shutil.rmtree(staging)
-    (staging / "layers").mkdir(parents=True)
-    atomic_write_json(manifest, {"fingerprint": fingerprint, "layers_done": 0, "modules": []})
-    return 0
-
-
-def _layer_file(staging: Path, index: int) -> Path:
-    return staging / "layers" / f"layer-{index:05d}.safetensors"
+def _layer_file(staging: Staging, index: int) -> Path:
+    return staging.pieces / f"layer-{index:05d}.safetensors"
 
 
 def _quantize_layers(source, arch, config, quant, calibration, examples, staging, done, batch_size, progress) -> None:
@@ -352,7 +394,7 @@ def _embed_key(model: torch.nn.Module, embed: torch.nn.Module) -> str:
     return next(f"{name}.weight" for name, module in model.named_modules() if module is embed)
 
 
-def _stage_layer(staging: Path, index: int, prefix: str, state: dict, results: list[ModuleResult], fmt) -> None:
+def _stage_layer(staging: Staging, index: int, prefix: str, state: dict, results: list[ModuleResult], fmt) -> None:
     """Write one finished layer: packed GPTQ tensors plus its other tensors (norms) unchanged."""
     quantized = {r.name for r in results}
     tensors = {prefix + k: v for k, v in state.items() if k.rpartition(".")[0] not in quantized}
@@ -364,11 +406,9 @@ def _stage_layer(staging: Path, index: int, prefix: str, state: dict, results: l
     atomic_save_tensors(_layer_file(staging, index), tensors)
     # The layer file is complete on disk before the manifest counts it: a kill between the two
     # just redoes this layer.
-    manifest = staging / "progress.json"
-    progress = json.loads(manifest.read_text())
-    progress["layers_done"] = index + 1
-    progress["modules"] += [asdict(ModuleStat(prefix + r.name, r.loss, r.damp_percent)) for r in results]
-    atomic_write_json(manifest, progress)
+    modules = staging.state()["modules"] + [asdict(ModuleStat(prefix + r.name, r.loss, r.damp_percent))
+                                            for r in results]
+    staging.update(layers_done=index + 1, modules=modules)
 
 
 def _load_staged_into(layer, file: Path, prefix: str, arch: Architecture, quant: QuantConfig) -> None:
@@ -385,17 +425,18 @@ def _load_staged_into(layer, file: Path, prefix: str, arch: Architecture, quant:
             linear.bias.data = staged.get(f"{prefix}{name}.bias").to(linear.bias.dtype)
 
 
-def _assemble(source, staging, arch, quant, calibration, max_shard_bytes, hessian_inputs: str, chat: ChatConfig) -> None:
-    """Final weight files + configs, all inside the staging folder."""
-    staged = TensorFiles(sorted((staging / "layers").glob("layer-*.safetensors")))
-    _write_weights(source, staged, arch, quant, staging, max_shard_bytes)
+def _assemble(source, staging: Staging, final: Path, arch, quant, calibration, max_shard_bytes,
+              hessian_inputs: str, chat: ChatConfig) -> None:
+    """Final weight files + configs in `final`, from the staged layers and the source."""
+    staged = TensorFiles(sorted(staging.pieces.glob("layer-*.safetensors")))
+    _write_weights(source, staged, arch, quant, final, max_shard_bytes)
     fmt = checkpoint_format_for(quant)
     qconfig = quantize_config_dict(quant, calibration, fmt, tool_version=__version__,
                                    model_name_or_path=source.config.get("_name_or_path"),
                                    hessian_inputs=hessian_inputs if calibration is not None else None, chat=chat)
-    atomic_write_json(staging / "quantize_config.json", qconfig)
-    atomic_write_json(staging / "config.json", {**source.config, "quantization_config": qconfig})
-    copy_side_files(source.path, staging)
+    atomic_write_json(final / "quantize_config.json", qconfig)
+    atomic_write_json(final / "config.json", {**source.config, "quantization_config": qconfig})
+    copy_side_files(source.path, final)
 
 
 def _write_weights(source: ModelFolder, staged: TensorFiles, arch, quant, staging, max_shard_bytes) -> None:
@@ -410,23 +451,3 @@ def _write_weights(source: ModelFolder, staged: TensorFiles, arch, quant, stagin
     metadata = {"format": "pt", "quantizer": f"quantpress:{__version__}", "bits": str(quant.bits),
                 "group_size": str(quant.group_size), "checkpoint_format": checkpoint_format_for(quant).value}
     write_sharded(staging, entries, load, max_shard_bytes, metadata)
-
-
-def _write_log(staging: Path) -> list[ModuleStat]:
-    """Per-module GPTQ loss and damping of every layer, including layers from an earlier run."""
-    modules = json.loads((staging / "progress.json").read_text())["modules"]
-    atomic_write_json(staging / "quantize_log.json", modules)
-    return [ModuleStat(**m) for m in modules]
-
-
-def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    """Drop the staging-only files and rename the finished folder into place."""
-    shutil.rmtree(staging / "layers")
-    (staging / "progress.json").unlink()
-    if out_dir.exists() and overwrite:
-        old = out_dir.with_name(out_dir.name + ".old")
-        out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out_dir)

@@ -39,12 +39,66 @@ TOKENIZER_FILES = (
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file that must hold an object (every config file quantpress reads does)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path.name} not found in {path.parent}") from None
+    except (NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got a {type(value).__name__}")
+    return value
+
+
+# Files whose `auto_map` makes transformers import Python code shipped in the model folder.
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json",
+                       "preprocessor_config.json")
+
+
+def check_no_remote_code(folder: Path) -> None:
+    """Refuse a folder that needs its own Python code to load.
+
+    transformers imports the modules named by an `auto_map` entry when trust_remote_code allows
+    it, and when it is left unset it *asks on stdin*, so a piped "y" ran a folder's code. quantpress
+    never runs code from a model folder: such a folder is refused here, before any loading, and
+    every transformers call also passes trust_remote_code=False as a second line of defence."""
+    for name in REMOTE_CODE_CONFIGS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        auto_map = read_json(path).get("auto_map")
+        if auto_map:
+            entries = ", ".join(f"{k}: {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) else auto_map
+            raise CheckpointError(
+                f"{path} has an `auto_map` ({entries}): this model needs Python code from its folder, and "
+                "quantpress never runs code from a model folder. Use a folder whose architecture "
+                "transformers implements itself."
+            )
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The folder's transformers tokenizer, never running code from the folder and never
+    prompting (the one place quantpress builds a tokenizer)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    check_no_remote_code(folder)
+    if not has_tokenizer(folder):
+        raise CheckpointError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model); copy the base "
+                              "model's tokenizer files into it")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {e}") from None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -86,6 +140,9 @@ class TensorFiles:
                         raise CheckpointError(f"tensor {name} appears in more than one file")
                     self.file_of[name] = file
                     self.entries[name] = TensorEntry.of_slice(name, handle.get_slice(name))
+                    if self.entries[name].dtype not in _TORCH_DTYPES:
+                        raise CheckpointError(f"{file.name}: tensor {name} has dtype {self.entries[name].dtype}, "
+                                              f"which quantpress does not read ({', '.join(_TORCH_DTYPES)})")
             self.spans.update(_data_spans(file))
 
     def names(self) -> list[str]:
@@ -156,6 +213,7 @@ class ModelFolder(TensorFiles):
         if not self.path.is_dir():
             raise CheckpointError(f"model folder not found: {self.path}")
         self.config = read_json(self.path / "config.json")
+        check_no_remote_code(self.path)
         super().__init__(_weight_files(self.path))
 
     def shape(self, name: str) -> list[int]:

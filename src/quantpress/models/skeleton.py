@@ -35,7 +35,8 @@ def hf_config(config: dict) -> PretrainedConfig:
 def build_on_meta(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     """The full causal LM with every parameter and buffer on `meta`, parameters in `dtype`."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype,
+                                                 trust_remote_code=False)
     model.eval()
     model.requires_grad_(False)
     return model

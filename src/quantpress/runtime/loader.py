@@ -16,7 +16,7 @@ from torch import nn
 
 from quantpress.errors import CheckpointError
 from quantpress.formats.gptq_config import GPTQFormatInfo, read_format_info
-from quantpress.formats.hf_folder import ModelFolder, read_json
+from quantpress.formats.hf_folder import ModelFolder, has_tokenizer, load_tokenizer, read_json
 from quantpress.models.arch import architecture_for
 from quantpress.models.skeleton import assign_weights, build_on_meta, hf_config, materialize_buffers
 from quantpress.runtime.qlinear import swap_linears
@@ -65,7 +65,8 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, tokenizer: boo
         model.tie_weights()
     materialize_buffers(model)
     _check_materialized(model, Path(path))
-    return LoadedModel(model, _load_tokenizer(Path(path)) if tokenizer else None, Path(path), folder.config, info)
+    tok = load_tokenizer(folder.path) if tokenizer and has_tokenizer(folder.path) else None
+    return LoadedModel(model, tok, Path(path), folder.config, info)
 
 
 def _fill_default_g_idx(model: nn.Module, state: dict, names: list[str], info: GPTQFormatInfo) -> None:
@@ -89,10 +90,3 @@ def _check_materialized(model: nn.Module, path: Path) -> None:
     if left:
         raise CheckpointError(f"{path}: no weights for {left[:5]}")
 
-
-def _load_tokenizer(path: Path):
-    if not ((path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from quantpress.errors import ConfigError, DownloadError
+from quantpress.errors import ConfigError, DownloadError, OutputExistsError
 from quantpress.release import download as dl
 from quantpress.release.download import Source, download, parse_source
 
@@ -284,6 +284,81 @@ def test_killed_download_leaves_no_partial_file_and_resumes(repos, tmp_path):
     assert set(on_disk) <= set(report.verified)  # what the killed run finished is not fetched again
     assert user_files(out) == expected
     assert incomplete_files(out) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding 2: a download never writes over files it did not put there
+
+
+def test_a_folder_with_someone_elses_files_is_refused_before_fetching(repos, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my own readme")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not a quantpress download"):
+        download(parse_source(f"{repos['url']}:main"), out)
+    assert user_files(out) == {"README.md": b"my own readme", "notes/todo.txt": b"mine"}
+    assert not (out / ".cache").exists()  # nothing fetched, nothing written
+
+
+def test_a_download_of_another_source_is_not_overwritten(repos, tmp_path):
+    out = tmp_path / "out"
+    download(parse_source(f"{repos['url']}:main"), out)
+    before = user_files(out)
+    with pytest.raises(OutputExistsError, match=f"holds a download of {repos['url']}, not of {repos['path']}"):
+        download(parse_source(f"{repos['path']}:main"), out)
+    assert user_files(out) == before and manifest(out)["source"]["location"] == repos["url"]
+
+
+def test_empty_folders_and_the_same_source_are_fine(repos, tmp_path):
+    out = tmp_path / "out"
+    (out / "empty-subfolder").mkdir(parents=True)  # folders alone hold nothing to overwrite
+    download(parse_source(f"{repos['url']}:main"), out)
+    report = download(parse_source(f"{repos['url']}:{VARIANT}"), out)
+    assert user_files(out) | BRANCHES[VARIANT] == user_files(out)
+    assert report.commit == manifest(out)["commit"]
+
+
+def test_the_folder_is_claimed_before_the_first_file_arrives(repos, tmp_path, monkeypatch):
+    """A download killed before it finishes still owns its folder: its re-run is not refused."""
+    out = tmp_path / "out"
+    source = parse_source(f"{repos['url']}:main")
+
+    def die(*args, **kwargs):
+        assert manifest(out)["source"] == {"kind": "git", "location": repos["url"], "branch": "main"}
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(dl, "_install", die)
+        with pytest.raises(KeyboardInterrupt):
+            download(source, out)
+    download(source, out)
+    assert user_files(out) == BRANCHES["main"]
+
+
+def test_the_location_is_checked_before_fetching(repos, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    with pytest.raises(ConfigError, match="is a file"):
+        download(parse_source(f"{repos['url']}:main"), a_file / "out")
+    with pytest.raises(ConfigError, match="is the source repository"):
+        download(parse_source(f"{repos['path']}:main"), Path(repos["path"]))
+    with pytest.raises(ConfigError, match="lies inside the source repository"):
+        download(parse_source(f"{repos['path']}:main"), Path(repos["path"]) / "out")
+    assert a_file.read_text() == "mine" and not (Path(repos["path"]) / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
+def test_a_read_only_location_is_a_config_error(repos, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        with pytest.raises(ConfigError, match="cannot write"):
+            download(parse_source(f"{repos['url']}:main"), parent / "out")
+    finally:
+        parent.chmod(0o700)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -295,3 +295,52 @@ def test_missing_peft_says_how_to_install_it(base_f32, adapter, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
     with pytest.raises(ConfigError, match=r'pip install "quantpress\[lora\]"'):
         merge_lora(base_f32, adapter[0], tmp_path / "merged")
+
+
+# --- finding 2: the merge writes over nothing it did not write, and runs no folder code ----------
+
+def test_a_partial_folder_that_is_not_ours_is_kept(base_f32, adapter, tmp_path):
+    out = tmp_path / "merged"
+    mine = tmp_path / "merged.partial"  # a name the staging uses, but someone else's folder
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="not made by quantpress"):
+        merge_lora(base_f32, adapter[0], out)
+    assert (mine / "thesis.tex").read_text() == "keep me" and not out.exists()
+
+
+def test_an_earlier_merge_holding_someone_elses_file_is_not_replaced(base_f32, adapter, tmp_path):
+    adapter_dir = shutil.copytree(adapter[0], tmp_path / "my-adapter")
+    out = merge_lora(base_f32, adapter_dir, tmp_path / "merged")
+    (out / "my-eval-notes.md").write_text("keep me")
+    lora = load_file(adapter_dir / ADAPTER_FILE)
+    save_file({k: v * 2 for k, v in lora.items()}, adapter_dir / ADAPTER_FILE, {"format": "pt"})
+    with pytest.raises(OutputExistsError, match="my-eval-notes.md"):
+        merge_lora(base_f32, adapter_dir, out)
+    assert (out / "my-eval-notes.md").read_text() == "keep me" and _no_partial(out)
+
+
+@pytest.mark.parametrize("where", ["base", "inside base", "adapter", "contains adapter"])
+def test_an_output_overlapping_an_input_is_refused(base_f32, adapter, tmp_path, where):
+    adapter_dir = shutil.copytree(adapter[0], tmp_path / "adapters" / "a")
+    out = {"base": base_f32, "inside base": base_f32 / "merged", "adapter": adapter_dir,
+           "contains adapter": tmp_path / "adapters"}[where]
+    before = sorted(p.name for p in base_f32.iterdir())
+    with pytest.raises(ConfigError, match="choose"):
+        merge_lora(base_f32, adapter_dir, out)
+    assert sorted(p.name for p in base_f32.iterdir()) == before
+    assert sorted(p.name for p in adapter_dir.iterdir()) == sorted(p.name for p in adapter[0].iterdir())
+
+
+def test_a_base_that_needs_its_own_code_is_refused(base_f32, adapter, tmp_path):
+    base = tmp_path / "remote-code-base"
+    base.mkdir()
+    (base / WEIGHTS).symlink_to(base_f32 / WEIGHTS)
+    copy_side_files(base_f32, base)
+    config = json.loads((base_f32 / "config.json").read_text())
+    auto_map = {"AutoModelForCausalLM": "evil.EvilModel"}
+    (base / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    (base / "evil.py").write_text("raise SystemExit('folder code ran')\n")
+    with pytest.raises(CheckpointError, match=r"auto_map.*AutoModelForCausalLM: evil\.EvilModel"):
+        merge_lora(base, adapter[0], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

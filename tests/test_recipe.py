@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from quantpress.config import CalibrationConfig, QuantConfig
@@ -47,9 +49,9 @@ variants:
     ([{"bits": 4}], "exactly one variant"),
     ([{"main": True, "bits": 4}, {"main": True, "bits": 3}], "exactly one variant"),
     ([{"main": True, "bits": 4}, {"bits": 3}, {"bits": 3, "nsamples": 8}], "both be published on branch"),
-    ([{"main": True, "bits": 4, "grup_size": 32}], "unknown keys"),
-    ([{"main": True, "bits": 5}], "bits must be one of"),
-    ([{"main": True, "bits": 4}, {"bits": 3, "branch": "no spaces"}], "must match"),
+    ([{"main": True, "bits": 4, "grup_size": 32}], r"variants\[0\]\.grup_size: unknown key \(did you mean group_size\?\)"),
+    ([{"main": True, "bits": 5}], r"variants\[0\]: bits must be one of"),
+    ([{"main": True, "bits": 4}, {"bits": 3, "branch": "no spaces"}], "may use only letters"),
     ([], "at least one variant"),
 ])
 def test_recipe_errors_name_the_problem(variants, message):
@@ -60,9 +62,96 @@ def test_recipe_errors_name_the_problem(variants, message):
 def test_unknown_template_and_model_keys(tmp_path):
     with pytest.raises(ConfigError, match="unknown prompt template 'vicunya'"):
         parse_recipe({"model": {**INFO, "prompt_template": "vicunya"}, "variants": [{"main": True}]}, seqlen_default=8)
-    with pytest.raises(ConfigError, match="recipe `model:`"):
+    with pytest.raises(ConfigError, match=r"^recipe: model\.creater: unknown key \(did you mean creator\?\)"):
         parse_recipe({"model": {**INFO, "creater": "x"}, "variants": [{"main": True}]}, seqlen_default=8)
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(bad, seqlen_default=8)
+
+
+# --- finding 3: a recipe is checked against the typed objects before anything runs ---------------
+
+MODEL_YAML = "model: {name: M, creator: c, original_model: org/m}\n"
+
+
+@pytest.mark.parametrize("body, message", [
+    # A quoted "false"/"no" is a string, and a non-empty string used to read as true.
+    ("variants: [{main: true, act_order: 'false'}]", "variants[0].act_order: expected true or false, got 'false'"),
+    ("variants: [{main: true, sym: 'no'}]", "variants[0].sym: expected true or false, got 'no'"),
+    ("defaults: {act_order: 'true'}\nvariants: [{main: true}]",
+     "defaults.act_order: expected true or false, got 'true'"),
+    ("variants: 5", "variants: expected a list of variants, got 5"),
+    ("variants: [{main: true}, {bits: 3}, {bits: 4, group_size: abc}]",
+     "variants[2].group_size: expected an integer, got 'abc'"),
+    ("variants: [{main: true, seqlen: null}]", "variants[0].seqlen: expected an integer, got null"),
+    ("defaults: [1, 2]\nvariants: [{main: true}]", "defaults: expected a mapping, got a list [1, 2]"),
+    ("variants: [{main: true, damp_percent: '0.1'}]", "variants[0].damp_percent: expected a number, got '0.1'"),
+    ("variants: [{main: true, bits: 4.0}]", "variants[0].bits: expected an integer, got 4.0"),
+    ("variants: [{main: true, bits: '4'}]", "variants[0].bits: expected an integer, got '4'"),
+    ("variants: [{main: true, bits: true}]", "variants[0].bits: expected an integer, got true"),
+    ("variants: [{main: true, nsamples: 1.5}]", "variants[0].nsamples: expected an integer, got 1.5"),
+    # an int is a number (then range-checked by QuantConfig), a bool is not
+    ("variants: [{main: true, damp_percent: 1}]", "variants[0]: damp_percent must be in (0, 1), got 1.0"),
+    ("variants: [{main: true, damp_percent: false}]", "variants[0].damp_percent: expected a number, got false"),
+    ("variants: [{main: true, method: awq}]", "variants[0].method: expected one of 'gptq', 'rtn', got 'awq'"),
+    ("variants: [{main: 'yes'}]", "variants[0].main: expected true or false, got 'yes'"),
+    ("variants: [{main: true, desc: 5}]", "variants[0].desc: expected a string, got 5"),
+    ("variants: [true]", "variants[0]: expected a mapping, got true"),
+    ("variants: [{main: true}]\nvarients: []", "varients: unknown key (did you mean variants?)"),
+    ("defaults: {main: true}\nvariants: [{bits: 4}]", "defaults.main: unknown key"),
+])
+def test_type_confused_recipes_name_file_and_key(tmp_path, body, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(MODEL_YAML + body)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path, seqlen_default=512)
+    assert str(err.value).startswith(f"{path}: "), str(err.value)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("model, message", [
+    ("{name: M, creator: c, original_model: org/m, license: 3}", "model.license: expected a string, got 3"),
+    ("{name: M, creator: c}", "model: missing original_model"),
+    ("[M]", "model: expected a mapping, got a list ['M']"),
+    ("{name: M, creator: c, original_model: org/m, repo_id: [a]}", "model.repo_id: expected a string or null"),
+])
+def test_model_section_is_typed_too(tmp_path, model, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model: {model}\nvariants: [{{main: true}}]\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: {re.escape(message)}"):
+        load_recipe(path, seqlen_default=512)
+
+
+def test_yaml_bools_ints_and_numbers_are_taken_as_written(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(MODEL_YAML + """
+defaults: {act_order: no, sym: false, damp_percent: 0.05}
+variants:
+  - {main: true, bits: 4, group_size: 32, static_groups: yes}
+  - {bits: 8, group_size: -1, method: rtn, damp_percent: 0.5}
+""")
+    main, rtn = load_recipe(path, seqlen_default=512).variants
+    assert main.quant == QuantConfig(bits=4, group_size=32, act_order=False, sym=False, damp_percent=0.05,
+                                     static_groups=True)
+    assert rtn.quant.method.value == "rtn" and rtn.quant.damp_percent == 0.5
+    assert rtn.branch == "rtn-8bit--1g-actorder_False-asym"
+
+
+def test_an_unreadable_recipe_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the recipe"):
+        load_recipe(tmp_path / "missing.yaml", seqlen_default=8)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError,
+                       match=r"empty\.yaml: a recipe is a mapping with `model:` and `variants:`, got null"):
+        load_recipe(empty, seqlen_default=8)
+
+
+# --- finding 6: branch names are checked with git's own rule when the recipe is read ------------
+
+@pytest.mark.parametrize("branch", ["..", ".", "x.lock", ".hidden", "a..b", "-dash", "HEAD"])
+def test_branch_names_git_refuses_fail_at_load(branch):
+    variants = [{"main": True}, {"bits": 3, "branch": branch}]
+    with pytest.raises(ConfigError, match=r"^recipe: variants\[1\]\.branch: .*not one git accepts"):
+        parse_recipe({"model": INFO, "variants": variants}, seqlen_default=512)

@@ -199,9 +199,7 @@ def publish(
     """Push every branch of a release to a git remote."""
     from quantpress.release.git import ReleaseRepo
 
-    if not (repo / ".git").is_dir():
-        raise typer.BadParameter(f"{repo} is not a git repository", param_hint="REPO")
-    print(ReleaseRepo(repo.resolve()).push(remote, force=force).strip())
+    print(ReleaseRepo.open(repo).push(remote, force=force).strip())
 
 
 @app.command()

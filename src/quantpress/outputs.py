@@ -45,10 +45,11 @@ def check_disjoint(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLik
 
 
 def check_writable(out: str | os.PathLike) -> None:
-    """Fail now, not after the work, if `out` cannot be created: probe its nearest existing
-    ancestor with a real temporary file (removed at once; nothing else is created)."""
+    """Fail now, not after the work, if `out` cannot be written: probe it (an existing folder) or
+    its nearest existing ancestor with a real temporary file (removed at once; nothing else is
+    created)."""
     target = resolved(out)
-    ancestor = target.parent
+    ancestor = target if target.is_dir() else target.parent  # an existing folder is written into
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():

@@ -17,7 +17,6 @@ factory's `--shared-calibration`); each variant stages and resumes exactly as `q
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,8 @@ from quantpress.formats.gptq_tensors import (
 )
 from quantpress.formats.hf_folder import (
     INDEX_NAME,
+    MAX_SHARD_BYTES,
+    SHARD_RE,
     TOKENIZER_FILES,
     ModelFolder,
     TensorFiles,
@@ -73,7 +74,6 @@ from quantpress.staging import Staging
 
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-MAX_SHARD_BYTES = 5 * 10**9  # the Hub's conventional shard size
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,6 @@ def _preflight(model_dir: str | Path, jobs: Sequence[_Job], calibration: Calibra
 
 # What a quantize output holds: the only files `--overwrite` may replace.
 _OUTPUT_FILES = {"config.json", "quantize_config.json", "quantize_log.json", INDEX_NAME, *TOKENIZER_FILES}
-_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 def not_a_quantized_folder(folder: Path) -> str | None:
@@ -236,7 +235,7 @@ def not_a_quantized_folder(folder: Path) -> str | None:
         return str(e)
     if not any(str(q).startswith("quantpress:") for q in quantizers):
         return "its quantize_config.json was written by another tool"
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _OUTPUT_FILES and not _SHARD.fullmatch(p.name))
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _OUTPUT_FILES and not SHARD_RE.fullmatch(p.name))
     if foreign:
         return f"it holds files quantize does not write: {', '.join(foreign[:5])}"
     return None

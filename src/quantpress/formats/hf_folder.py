@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 from collections.abc import Callable, Iterable
@@ -25,6 +26,8 @@ from safetensors import SafetensorError, safe_open
 from quantpress.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
+SHARD_RE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the names write_sharded gives
+MAX_SHARD_BYTES = 5 * 10**9  # the Hub's conventional shard size
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -7,11 +7,17 @@ whose fingerprint covers everything the step depends on, so a re-run redoes only
 and an interrupted run resumes at the step (and layer) it stopped in. Branches move only by
 compare-and-swap to complete commits (git.py).
 
-Work files live in `<repo>/.git/quantpress/`:
+Work files live in `<repo>/.git/quantpress/`, each named after its branch through
+`ReleaseRepo.branch_file` (so only after git has accepted the name):
     baseline.json                 full-precision measurement
+    merged/                       the model with a LoRA adapter merged in (`merge_lora`)
     variants/<branch>[.partial]/  a variant being quantized (pipeline staging)
     variants/<branch>.done.json   the quantize step finished with this fingerprint
     results/<branch>.json         VariantResult: measured, with its fingerprint
+
+Nothing is written before the checks that need no model run have passed: the repository may not
+be, contain or sit inside the model or adapter folder, and must be a release quantpress made (or
+a new or empty folder; git.py).
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from quantpress import __version__
 from quantpress.api import default_seqlen, evaluate
 from quantpress.calibration import calibration_examples
 from quantpress.config import CalibrationConfig, ChatConfig
-from quantpress.formats.hf_folder import ModelFolder, atomic_write_json
+from quantpress.formats.hf_folder import ModelFolder, atomic_write_json, load_tokenizer
 from quantpress.models.arch import architecture_for
+from quantpress.outputs import check_disjoint
 from quantpress.pipeline import quantize, quantize_shared
 from quantpress.release.card import CardData, plot_perplexity_vs_size, render_card
 from quantpress.release.git import GITATTRIBUTES, ReleaseRepo
@@ -77,15 +84,18 @@ def release(
     """Write (or bring up to date) a release repository for `recipe`. `merge_lora` names a PEFT
     LoRA adapter folder merged into the model before quantizing (the Guanaco recipe)."""
     started = time.perf_counter()
-    repo = ReleaseRepo.open_or_init(out_repo)
     model_dir = Path(model_dir)
+    check_disjoint(out_repo, {"model folder": model_dir, "LoRA adapter": merge_lora})
+    source = ModelFolder(model_dir)
+    architecture_for(source.config)  # a missing model or unsupported family fails before any work
+    repo = ReleaseRepo.open_or_init(out_repo)
+    # Before the merge: the merged folder carries the base's tokenizer, and a missing one fails here.
+    examples = _calibration_sets(model_dir, recipe)
     if merge_lora is not None:
         from quantpress.release.lora import merge_lora as merge
 
         model_dir = merge(model_dir, Path(merge_lora), repo.work_dir / "merged")
-    source = ModelFolder(model_dir)
-    architecture_for(source.config)  # fail before any work on an unsupported family
-    examples = _calibration_sets(model_dir, recipe)
+        source = ModelFolder(model_dir)
     chat = ChatConfig(recipe.model.prompt_template, recipe.model.system_prompt)
     fingerprints = {v.branch: _fingerprint(source, v, examples[v.calibration], shared_calibration, evaluation, chat)
                     for v in recipe.variants}
@@ -110,9 +120,7 @@ def release(
 
 def _calibration_sets(model_dir: Path, recipe: Recipe) -> dict[CalibrationConfig, Tensor]:
     """Token windows per distinct calibration config, sampled once and shared by its variants."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     return {c: calibration_examples(tokenizer, c) for c in dict.fromkeys(v.calibration for v in recipe.variants)}
 
 
@@ -151,15 +159,15 @@ def _baseline(source: ModelFolder, work: Path, evaluation: EvalSettings) -> Base
 
 
 def _variant_dir(repo: ReleaseRepo, branch: str) -> Path:
-    return repo.work_dir / "variants" / branch
+    return repo.branch_file("variants", branch)
 
 
 def _done_file(repo: ReleaseRepo, branch: str) -> Path:
-    return repo.work_dir / "variants" / f"{branch}.done.json"
+    return repo.branch_file("variants", branch, ".done.json")
 
 
 def _result_file(repo: ReleaseRepo, branch: str) -> Path:
-    return repo.work_dir / "results" / f"{branch}.json"
+    return repo.branch_file("results", branch, ".json")
 
 
 def _committed(repo: ReleaseRepo, branch: str, fingerprint: str) -> bool:

@@ -11,7 +11,9 @@ Git sources are fetched (depth 1) into a bare cache repository kept inside the t
 renamed into place, so a file under its final name is always whole. A re-run skips files whose
 content already matches and rewrites the rest; the cache repository keeps what was fetched.
 `<local_dir>/.cache/quantpress/download.json` records the source, commit and every file's size,
-git blob id and sha256.
+git blob id and sha256. It is also the folder's mark: a download writes only into a new or empty
+folder, or into one whose manifest names the same source (another branch of it, or a re-run), so
+it never writes over files it did not put there.
 
 Hub sources go through `huggingface_hub.snapshot_download` (which resumes byte-wise itself), and
 every file is then checked against the Hub's listing (LFS sha256 or git blob id).
@@ -35,9 +37,10 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Literal
 
-from quantpress.errors import ConfigError, DownloadError
+from quantpress.errors import ConfigError, DownloadError, OutputExistsError
 from quantpress.formats.hf_folder import atomic_write_json, atomic_write_text
-from quantpress.release.recipe import BRANCH_RE
+from quantpress.outputs import check_disjoint, check_writable
+from quantpress.release.git import BRANCH_RE
 
 log = logging.getLogger(__name__)
 
@@ -169,15 +172,43 @@ def download(source: Source, local_dir: Path, *, progress: Progress | None = Non
 
     Files already present with the right content are kept as they are; files the folder holds
     that the branch lacks are never deleted (they are listed in `report.left_over` when an earlier
-    download wrote them).
+    download wrote them). A non-empty `local_dir` that is not a download of the same source is
+    refused (OutputExistsError) before anything is fetched.
     """
     local_dir = Path(local_dir).resolve()
-    local_dir.mkdir(parents=True, exist_ok=True)
+    if source.kind == "git" and os.path.isdir(source.location):
+        # git runs inside the cache (a relative path would break), and the claim compares locations
+        source = replace(source, location=str(Path(source.location).resolve()))
+    remote = _local_remote(source.location) if source.kind == "git" else None
+    check_disjoint(local_dir, {"source repository": remote})
+    check_writable(local_dir / METADATA_DIR.parts[0])  # .cache/ is the first thing written in it
+    _claim(local_dir, source)
     if source.kind == "git":
-        if os.path.isdir(source.location):  # git runs inside the cache: a relative path would break
-            source = replace(source, location=str(Path(source.location).resolve()))
         return _download_git(source, local_dir, progress)
     return _download_hub(source, local_dir, progress)
+
+
+def _claim(local_dir: Path, source: Source) -> None:
+    """Make sure the files about to be written cannot replace anything but an earlier download of
+    the same source (any branch of it), and mark the folder as such before the first file lands:
+    a killed download is then still recognised as ours. The mark is the manifest; until the
+    download finishes it names the source and no commit or files."""
+    manifest = local_dir / METADATA_DIR / MANIFEST_NAME
+    recorded = _recorded_source(manifest)
+    if recorded is None:
+        if _holds_files(local_dir):
+            raise OutputExistsError(
+                f"{local_dir} already holds files and is not a quantpress download (no "
+                f"{METADATA_DIR / MANIFEST_NAME}); refusing to write over them: choose a new or empty folder")
+        _write_manifest(manifest, source, None, {})
+    elif recorded != (source.kind, source.location):
+        raise OutputExistsError(f"{local_dir} holds a download of {recorded[1]}, not of {source.location}; refusing "
+                                "to write over it: choose another folder")
+
+
+def _holds_files(folder: Path) -> bool:
+    """Anything but (empty) folders in `folder`; stops at the first file, so a big tree is cheap."""
+    return folder.exists() and any(p.is_symlink() or not p.is_dir() for p in folder.rglob("*"))
 
 
 @dataclass(frozen=True)
@@ -550,7 +581,16 @@ def _read_manifest(path: Path) -> dict[str, dict]:
     return files if isinstance(files, dict) else {}
 
 
-def _write_manifest(path: Path, source: Source, commit: str, files: dict[str, dict]) -> None:
+def _recorded_source(path: Path) -> tuple[str, str] | None:
+    """(kind, location) of the source an earlier download in this folder came from."""
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["source"]
+        return recorded["kind"], recorded["location"]
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+
+
+def _write_manifest(path: Path, source: Source, commit: str | None, files: dict[str, dict]) -> None:
     manifest = {
         "source": {"kind": source.kind, "location": source.location, "branch": source.branch},
         "branch": source.branch,

@@ -5,9 +5,11 @@
 
 The merged folder is a plain Hugging Face checkpoint (safetensors, config.json, tokenizer and
 generation files copied from the base) with the same tensor names, dtypes and tying as the base,
-plus `merge_lora.json` recording what went in. It is written to `<out>.partial` and renamed when
-complete, so `out_dir` is either absent or whole; a re-run whose inputs did not change (same
-fingerprint) returns it untouched, which keeps a release re-run from merging again.
+plus `merge_lora.json` recording what went in. It is staged in `<out>.partial/` and renamed into
+place when complete (staging.py), so `out_dir` is either absent or whole; a re-run whose inputs
+did not change (same fingerprint) returns it untouched, which keeps a release re-run from merging
+again. `out_dir` may not be or overlap the base or adapter folder, and an existing one is only
+ever replaced when it is an earlier merge (it holds `merge_lora.json`) or empty.
 
 peft is an optional dependency (`pip install "quantpress[lora]"`), imported only here.
 """
@@ -17,23 +19,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from quantpress.errors import (
-    CheckpointError,
-    ConfigError,
-    NonFiniteError,
-    OutputExistsError,
-)
+from quantpress.errors import CheckpointError, ConfigError, NonFiniteError
 from quantpress.formats.hf_folder import (
+    INDEX_NAME,
+    MAX_SHARD_BYTES,
+    SHARD_RE,
     TOKENIZER_FILES,
     ModelFolder,
     TensorEntry,
@@ -42,6 +40,8 @@ from quantpress.formats.hf_folder import (
     read_json,
     write_sharded,
 )
+from quantpress.outputs import check_disjoint, check_replaceable, check_writable
+from quantpress.staging import Staging
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft's names; old adapters (Guanaco) ship .bin
 RECORD_NAME = "merge_lora.json"
 RECORD_VERSION = 1  # bump when the merge itself changes, so old merged folders are redone
-MAX_SHARD_BYTES = 5 * 10**9  # the Hub's conventional shard size, as in pipeline.py
+# What a merge writes (write_sharded's shards, the base's side files, the record): the only files
+# replacing an earlier merge may remove.
+_MERGE_FILES = {RECORD_NAME, "config.json", INDEX_NAME, *TOKENIZER_FILES}
 
 # peft saves adapter tensors as `base_model.model.<module>.<lora tensor>` (adapter name dropped).
 _ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
@@ -64,10 +66,11 @@ def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     tied embeddings, quantized base), CheckpointError (adapter files missing, tensors that do not
     fit the base) or OutputExistsError (`out_dir` holds something that is not a merge)."""
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    _check_output(out_dir, base_dir, adapter_dir)
     adapter_config = _read_adapter_config(adapter_dir)
     weights_file = _adapter_weights_file(adapter_dir)
     adapter_shapes = _adapter_shapes(weights_file)  # a corrupt adapter fails before the base is loaded
-    base = ModelFolder(base_dir)  # validates config.json and every weight header up front
+    base = ModelFolder(base_dir)  # validates config.json, every weight header, and refuses folder code
     _check_full_precision(base)
     fingerprint = _fingerprint(base, adapter_config, weights_file)
     if _reusable(out_dir, fingerprint):
@@ -83,12 +86,35 @@ def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     _check_every_target_has_weights(peft, peft_model, adapter_shapes, adapter_dir.name)
     merged = peft_model.merge_and_unload()
     record = _record(adapter_dir, adapter_config, base_dir, fingerprint)
-    _write_atomically(out_dir, lambda partial: _save_merged(merged, base, partial, record))
+    _write_staged(out_dir, fingerprint, lambda folder: _save_merged(merged, base, folder, record))
     log.info("merged %s into %s -> %s", adapter_dir.name, base_dir.name, out_dir)
     return out_dir
 
 
 # --- validating the inputs ---------------------------------------------------------------------
+
+def _check_output(out_dir: Path, base_dir: Path, adapter_dir: Path) -> None:
+    """Where the merge goes, before anything is read or loaded: not into its own inputs, over
+    nothing but an earlier merge, and somewhere writable."""
+    check_disjoint(out_dir, {"base model": base_dir, "adapter folder": adapter_dir})
+    staging = Staging(out_dir)
+    staging.recover()
+    check_replaceable(out_dir, overwrite=True, ours=_not_a_merge, what="merged model")
+    staging.check_ours()
+    check_writable(staging.path)
+
+
+def _not_a_merge(folder: Path) -> str | None:
+    """None when `folder` may be replaced by a merge: it is empty, or an earlier merge (its record)
+    holding nothing but what a merge writes. Else why not."""
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return None
+    if RECORD_NAME not in names:
+        return f"{RECORD_NAME} missing"
+    foreign = [n for n in names if n not in _MERGE_FILES and not SHARD_RE.fullmatch(n)]
+    return f"it holds files a merge does not write: {', '.join(foreign[:5])}" if foreign else None
+
 
 def _read_adapter_config(adapter_dir: Path) -> dict:
     if not adapter_dir.is_dir():
@@ -210,7 +236,8 @@ def _checkpoint_dtype(config: dict) -> torch.dtype:
 def _load_base(base: ModelFolder) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=_checkpoint_dtype(base.config))
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=_checkpoint_dtype(base.config),
+                                                 trust_remote_code=False, local_files_only=True)
     model.eval()
     return model
 
@@ -261,30 +288,18 @@ def _check_extra_tensors_are_tied(state: dict[str, torch.Tensor], names: list[st
         raise CheckpointError(f"the merged model has tensors {extra[:5]} that {base} does not hold")
 
 
-def _write_atomically(out_dir: Path, write) -> None:
-    """Build the folder as `<out>.partial`, then rename it to `out_dir`. A crash leaves at most the
-    partial folder, which the next run removes; `out_dir` is never seen half-written."""
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+def _write_staged(out_dir: Path, fingerprint: str, write) -> None:
+    """Build the folder in staging and publish it (staging.py): `out_dir` is never seen
+    half-written, and a run killed while publishing is finished by the next one."""
+    staging = Staging(out_dir)
+    staging.open({"merge_lora": fingerprint})
     try:
-        write(partial)
-        _replace_dir(partial, out_dir)
+        if not staging.assembled:
+            write(staging.begin_final())
+        staging.publish()
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        staging.discard()
         raise
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    # os.replace cannot replace a non-empty directory: move the old one aside first.
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    stale = dst.with_name(dst.name + ".stale")
-    shutil.rmtree(stale, ignore_errors=True)
-    os.replace(dst, stale)
-    os.replace(src, dst)
-    shutil.rmtree(stale)
 
 
 # --- reuse -------------------------------------------------------------------------------------
@@ -312,16 +327,10 @@ def _sha256(path: Path) -> str:
 
 
 def _reusable(out_dir: Path, fingerprint: str) -> bool:
-    """True when `out_dir` is a finished merge of the same inputs. A folder that is neither empty
-    nor a merge (no record) is refused rather than replaced: it may be the user's."""
-    if not out_dir.exists():
-        return False
+    """True when `out_dir` is a finished merge of the same inputs (checked as ours up front)."""
     record_path = out_dir / RECORD_NAME
     if not record_path.is_file():
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            return False
-        raise OutputExistsError(f"{out_dir} exists and is not a merged model ({RECORD_NAME} missing); "
-                                "choose another output folder or remove it")
+        return False
     try:
         recorded = read_json(record_path).get("fingerprint")
         ModelFolder(out_dir)  # a merge someone damaged since is redone, not reused

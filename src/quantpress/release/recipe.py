@@ -17,12 +17,22 @@
 A variant's branch is derived from its QuantConfig (`config.variant_name`), or is `main` for the
 recommended one; an explicit `branch:` is allowed for variants the derived name cannot tell apart
 (the same quant settings calibrated on two datasets).
+
+The YAML is checked against the typed objects it becomes before anything runs. Each key's type
+comes from the dataclass field it fills (ModelInfo, QuantConfig, CalibrationConfig, Variant),
+and the check is strict: a bool must be a YAML bool (`"false"` is a string, and a non-empty
+string would otherwise read as true), an int a YAML int (not `4.0`, `"4"` or `true`). Every
+message names the file and the key: `recipe.yaml: variants[2].group_size: expected an integer,
+got 'abc'`.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field, fields
+import difflib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 
 import yaml
@@ -30,10 +40,7 @@ import yaml
 from quantpress.config import CalibrationConfig, QuantConfig, variant_name
 from quantpress.errors import ConfigError
 from quantpress.prompts import prompt_template
-
-BRANCH_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # what text-generation-webui accepts after `repo:`
-_QUANT_KEYS = {f.name for f in fields(QuantConfig)}
-_CALIBRATION_KEYS = {f.name for f in fields(CalibrationConfig)}
+from quantpress.release.git import check_branch_name
 
 
 @dataclass(frozen=True)
@@ -74,54 +81,167 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if not self.variants:
-            raise ConfigError("a recipe needs at least one variant")
+            raise ConfigError("variants: a recipe needs at least one variant")
         if sum(v.branch == "main" for v in self.variants) != 1:
-            raise ConfigError("exactly one variant must be published on `main` (set `main: true` on it)")
-        branches = [v.branch for v in self.variants]
-        for b in branches:
-            if not BRANCH_RE.match(b):
-                raise ConfigError(f"branch name {b!r} must match {BRANCH_RE.pattern}")
-            if branches.count(b) > 1:
-                raise ConfigError(f"two variants would both be published on branch {b!r}; give one an explicit `branch:`")
+            raise ConfigError("variants: exactly one variant must be published on `main` (set `main: true` on it)")
+        first: dict[str, int] = {}
+        for i, v in enumerate(self.variants):
+            try:
+                check_branch_name(v.branch)  # here, not after hours of quantizing and evaluating
+            except ConfigError as e:
+                raise ConfigError(f"variants[{i}].branch: {e}") from None
+            if v.branch in first:
+                raise ConfigError(f"variants[{first[v.branch]}] and variants[{i}] would both be published on branch "
+                                  f"{v.branch!r}; give one an explicit `branch:`")
+            first[v.branch] = i
 
     @property
     def main(self) -> Variant:
         return next(v for v in self.variants if v.branch == "main")
 
 
-def parse_recipe(data: dict, *, seqlen_default: int) -> Recipe:
-    """Build a Recipe from the YAML's dict. `seqlen_default` fills a missing `seqlen` (the
-    model's context, capped at 2048)."""
-    if not isinstance(data, dict) or "model" not in data or "variants" not in data:
-        raise ConfigError("a recipe is a mapping with `model:` and `variants:`")
+def load_recipe(path: str | Path, *, seqlen_default: int) -> Recipe:
     try:
-        model = ModelInfo(**data["model"])
-    except TypeError as e:
-        raise ConfigError(f"recipe `model:` {e}") from None
-    defaults = dict(data.get("defaults") or {})
-    variants = tuple(_variant(i, {**defaults, **spec}, seqlen_default) for i, spec in enumerate(data["variants"]))
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the recipe: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_recipe(data, seqlen_default=seqlen_default, source=str(path))
+
+
+def parse_recipe(data: object, *, seqlen_default: int, source: str = "recipe") -> Recipe:
+    """Build a Recipe from the YAML's data; every error is a ConfigError that starts with `source`
+    (the file) and the key. `seqlen_default` fills a missing `seqlen` (the model's context, capped
+    at 2048)."""
+    try:
+        return _recipe(data, seqlen_default)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+# --- the schema: YAML key -> the type of the dataclass field it fills ---------------------------
+
+def _field_types(cls: type) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if f.init}
+
+
+def _required(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.init and f.default is MISSING and f.default_factory is MISSING]
+
+
+_TOP_KEYS = ("model", "defaults", "variants")
+_QUANT = _field_types(QuantConfig)
+_CALIBRATION = _field_types(CalibrationConfig)
+_SETTINGS = {**_QUANT, **_CALIBRATION}  # what `defaults:` may set
+# A variant's own keys, by the Variant field each fills (`desc` is TheBloke's spelling).
+_VARIANT_FIELDS = {"main": "main", "branch": "branch_override", "desc": "description", "description": "description"}
+_VARIANT_KEYS = {**_SETTINGS, **{key: _field_types(Variant)[name] for key, name in _VARIANT_FIELDS.items()}}
+
+
+def _recipe(data: object, seqlen_default: int) -> Recipe:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a recipe is a mapping with `model:` and `variants:`, got {_shown(data)}")
+    _check_keys(data, _TOP_KEYS, "")
+    for key in ("model", "variants"):
+        if key not in data:
+            raise ConfigError(f"{key}: missing (a recipe is a mapping with `model:` and `variants:`)")
+    model = _build(ModelInfo, _typed_mapping(data["model"], _field_types(ModelInfo), "model"), "model")
+    defaults = {} if data.get("defaults") is None else _typed_mapping(data["defaults"], _SETTINGS, "defaults")
+    if not isinstance(data["variants"], list):
+        raise ConfigError(f"variants: expected a list of variants, got {_shown(data['variants'])}")
+    variants = tuple(_variant(spec, defaults, seqlen_default, f"variants[{i}]")
+                     for i, spec in enumerate(data["variants"]))
     return Recipe(model, variants)
 
 
-def _variant(index: int, spec: dict, seqlen_default: int) -> Variant:
-    spec = dict(spec)
-    description = str(spec.pop("desc", spec.pop("description", "")))
-    main = bool(spec.pop("main", False))
-    branch = spec.pop("branch", None)
-    quant = {k: spec.pop(k) for k in list(spec) if k in _QUANT_KEYS}
-    calibration = {k: spec.pop(k) for k in list(spec) if k in _CALIBRATION_KEYS}
-    if spec:
-        raise ConfigError(f"variant {index}: unknown keys {sorted(spec)}")
-    calibration.setdefault("seqlen", seqlen_default)
-    return Variant(QuantConfig(**quant), CalibrationConfig(**calibration), description, main, branch)
+def _variant(spec: object, defaults: dict, seqlen_default: int, where: str) -> Variant:
+    own = _typed_mapping(spec, _VARIANT_KEYS, where)
+    if "desc" in own and "description" in own:
+        raise ConfigError(f"{where}: give `desc` or `description`, not both")
+    values = {"seqlen": seqlen_default, **defaults, **own}
+    quant = _build(QuantConfig, {k: v for k, v in values.items() if k in _QUANT}, where)
+    calibration = _build(CalibrationConfig, {k: v for k, v in values.items() if k in _CALIBRATION}, where)
+    variant = {_VARIANT_FIELDS[k]: v for k, v in own.items() if k in _VARIANT_FIELDS}
+    return Variant(quant, calibration, **variant)
 
 
-def load_recipe(path: str | Path, *, seqlen_default: int) -> Recipe:
+def _build(cls: type, values: dict, where: str):
+    """`cls(**values)` for values already type-checked; its own range checks get the key path."""
+    missing = [name for name in _required(cls) if name not in values]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)}")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_recipe(data, seqlen_default=seqlen_default)
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_keys(mapping: dict, known: typing.Collection[str], where: str) -> None:
+    for key in mapping:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"{_at(where, key)}: unknown key{hint}")
+
+
+def _typed_mapping(value: object, schema: dict[str, object], where: str) -> dict:
+    """The mapping `value` with every key known to `schema` and every value of its key's type."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {_shown(value)}")
+    _check_keys(value, schema, where)
+    return {key: _typed(v, schema[key], _at(where, key)) for key, v in value.items()}
+
+
+def _typed(value: object, hint: object, where: str) -> object:
+    """`value` as type `hint` (a field's type: bool, int, float, str, an Enum, or `X | None`),
+    strictly: YAML already tells bools, ints and strings apart, so nothing is converted from text.
+    An int is a valid float (`damp_percent: 0` is 0.0); a bool is never a number."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if isinstance(option, type) and issubclass(option, Enum) and isinstance(value, str):
+            if value in {m.value for m in option}:
+                return option(value)
+    raise ConfigError(f"{where}: expected {' or '.join(_expected(o) for o in options)}, got {_shown(value)}")
+
+
+def _expected(option: object) -> str:
+    if isinstance(option, type) and issubclass(option, Enum):
+        return "one of " + ", ".join(repr(m.value) for m in option)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}[option]
+
+
+def _shown(value: object) -> str:
+    """A value as the YAML that gave it: `"false"` quoted, `false` not."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return f"a list {value!r}" if len(repr(value)) <= 40 else "a list"
+    return repr(value)
+
+
+def _at(where: str, key: object) -> str:
+    return f"{where}.{key}" if where else str(key)
 
 
 def default_recipe(model: ModelInfo, *, seqlen: int) -> Recipe:

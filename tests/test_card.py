@@ -30,7 +30,7 @@ from quantpress.release.card import (
 from quantpress.release.recipe import ModelInfo
 from quantpress.release.results import Baseline, VariantResult
 
-FILES_HEADER = ["Branch", "Bits", "GS", "Act Order", "Damp %", "GPTQ Dataset", "Seq Len", "Size", "ExLlama",
+FILES_HEADER = ["Branch", "Bits", "GS", "Act Order", "Damp %", "Levers", "GPTQ Dataset", "Seq Len", "Size", "ExLlama",
                 "Marlin / vLLM", "Desc"]
 QUALITY_HEADER = ["Branch", "Bits", "GS", "Act Order", "wikitext-2 perplexity", "Δ vs full precision", "Size"]
 SHAPES = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096), "mlp.down_proj": (4096, 14336)}
@@ -40,7 +40,8 @@ NAME = 'Mistral 7B: "Instruct" it\'s v0.1'
 def variant(branch: str, bits: int, gs: int, ppl: float, size: int, desc: str, **quant) -> VariantResult:
     calibration = CalibrationConfig(dataset="/data/my-corpus.txt" if bits == 3 else "wikitext2", nsamples=128,
                                     seqlen=2048, seed=0)
-    return VariantResult(branch, QuantConfig(bits=bits, group_size=gs, act_order=True, damp_percent=0.1, **quant),
+    quant = {"act_order": True, "damp_percent": 0.1, **quant}
+    return VariantResult(branch, QuantConfig(bits=bits, group_size=gs, **quant),
                          calibration, desc, "quantized", size, ppl, 812.0, 95.0, "f" * 64)
 
 
@@ -115,12 +116,12 @@ def test_provided_files_table_matches_the_results(data):
     assert header == FILES_HEADER
     assert len(rows) == len(data.variants)
     expected = [
-        ["`main`", "4", "None", "Yes", "0.1", "wikitext-2", "2048", "4.16 GB", "Yes", "Yes",
+        ["`main`", "4", "None", "Yes", "0.1", "—", "wikitext-2", "2048", "4.16 GB", "Yes", "Yes",
          "4-bit, no group size | smallest 4-bit."],
-        ["`gptq-4bit-128g-actorder_True`", "4", "128", "Yes", "0.1", "wikitext-2", "2048", "4.24 GB", "Yes", "Yes",
+        ["`gptq-4bit-128g-actorder_True`", "4", "128", "Yes", "0.1", "—", "wikitext-2", "2048", "4.24 GB", "Yes", "Yes",
          "4-bit, 128g."],
         # a local calibration file shows by its name only; 3-bit fits neither ExLlama nor Marlin
-        ["`gptq-3bit-128g-actorder_True`", "3", "128", "Yes", "0.1", "my-corpus.txt", "2048", "3.71 MB", "No", "No",
+        ["`gptq-3bit-128g-actorder_True`", "3", "128", "Yes", "0.1", "—", "my-corpus.txt", "2048", "3.71 MB", "No", "No",
          "3-bit, 128g."],
     ]
     assert rows == expected
@@ -231,7 +232,18 @@ def test_rtn_variant_has_no_calibration_columns(data):
     rtn = VariantResult("rtn-4bit-128g-actorder_False", QuantConfig(bits=4, group_size=128, method=Method.RTN),
                         CalibrationConfig(), "RTN baseline.", "quantized", 4_000_000_000, 10.5, 1.0, 1.0, "0" * 64)
     _, rows = table(render_card(replace(data, variants=(*data.variants, rtn))), "| Branch | Bits | GS | Act Order | Damp")
-    assert rows[-1][4:7] == ["n/a (RTN)", "n/a (RTN)", "n/a"]
+    assert rows[-1][4] == "n/a (RTN)" and rows[-1][6:8] == ["n/a (RTN)", "n/a"]
+
+
+def test_quality_levers_are_named_on_the_card(data):
+    tuned = variant("gptq-3bit-128g-actorder_False", 3, 128, 11.0, 2_000_000_000, "Tuned.", act_order=False,
+                    group_aware=True,
+                    mse=True, mse_weighted=True, damp_search=True)
+    header, rows = table(render_card(replace(data, variants=(*data.variants, tuned))), "| Branch | Bits | GS")
+    row = dict(zip(header, rows[-1]))
+    assert row["Damp %"] == "per module"
+    assert row["Levers"] == "group-aware order, weighted MSE range, damp search"
+    assert dict(zip(header, rows[0]))["Levers"] == "—"
 
 
 @pytest.mark.parametrize(("n", "text"), [(999, "999 B"), (1_500, "1.50 KB"), (3_712_345, "3.71 MB"),

@@ -357,7 +357,8 @@ def test_quantize_config_dict_fields_and_order() -> None:
         "nsamples": 128, "seqlen": 2048,
         "meta": {
             "quantizer": ["quantpress:0.1.0"], "damp_percent": 0.01, "static_groups": True,
-            "true_sequential": True, "mse": False, "method": "gptq", "dataset": "wikitext2",
+            "true_sequential": True, "mse": False, "mse_weighted": False,
+            "group_aware": False, "damp_search": False, "method": "gptq", "dataset": "wikitext2",
             "calibration_seed": 3, "calibration_dtype": "bfloat16", "hessian_inputs": "quantized",
             "prompt_template": None, "system_prompt": None,
         },

@@ -10,13 +10,14 @@ from pathlib import Path
 from quantpress.calibration import tokenize
 from quantpress.datasets import check_dataset, load_text
 from quantpress.errors import CheckpointError, ConfigError
-from quantpress.evaluation import perplexity, token_windows
+from quantpress.evaluation import Agreement, agreement, perplexity, token_windows
+from quantpress.prompts import chat_formatter
 from quantpress.pipeline import QuantizeReport, preflight, quantize
 from quantpress.runtime.generate import Completion, complete
 from quantpress.runtime.loader import LoadedModel, load
 from quantpress.runtime.sampling import SamplingParams
 
-__all__ = ["Completion", "EvalResult", "LoadedModel", "QuantizeReport", "SamplingParams", "bundled_model_dir",
+__all__ = ["Agreement", "Completion", "EvalResult", "compare", "LoadedModel", "QuantizeReport", "SamplingParams", "bundled_model_dir",
            "default_seqlen", "evaluate", "generate", "load", "preflight", "quantize"]
 
 DEFAULT_SEQLEN = 2048  # the GPTQ paper's calibration and evaluation window
@@ -76,3 +77,47 @@ def evaluate(
 def generate(model: str | Path | LoadedModel, prompt: str, params: SamplingParams = SamplingParams()) -> Completion:
     """Complete `prompt` with a full-precision or GPTQ model."""
     return complete(_as_loaded(model), prompt, params)
+
+
+def compare(
+    model: str | Path | LoadedModel,
+    reference: str | Path | LoadedModel,
+    dataset: str = "wikitext2",
+    seqlen: int | None = None,
+    *,
+    chat: bool = True,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    on_window=None,
+) -> Agreement:
+    """KL divergence and top-1 agreement of `model` to `reference` (its full-precision source).
+
+    With `chat`, the evaluation text is rendered as conversations in the reference's own prompt
+    format (its chat_template): consecutive paragraphs become a user turn and the assistant's
+    answer, which is how a chat model is used, special tokens and all."""
+    if seqlen is not None and seqlen < 2:
+        raise ConfigError(f"seqlen must be at least 2 tokens, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
+    check_dataset(dataset)
+    ref, loaded = _as_loaded(reference), _as_loaded(model)
+    if ref.tokenizer is None:
+        raise CheckpointError(f"{ref.path} has no tokenizer; cannot tokenize the evaluation text")
+    text = load_text(dataset, "evaluation")
+    if chat:
+        text = chat_transcript(chat_formatter(ref), text)
+    seqlen = seqlen or default_seqlen(ref.config)
+    ids = tokenize(ref.tokenizer, text)
+    return agreement(loaded.model, ref.model, ids, seqlen, batch_size=batch_size, max_windows=max_windows,
+                     on_window=on_window)
+
+
+def chat_transcript(formatter, text: str) -> str:
+    """`text`'s paragraphs as two-turn conversations (user: a paragraph, assistant: the next one),
+    each rendered complete in `formatter`'s prompt format, concatenated."""
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip() and not p.strip().startswith("=")]
+    return "".join(
+        formatter.render([{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                         add_generation_prompt=False, continue_final=False)
+        for user, answer in zip(paragraphs[0::2], paragraphs[1::2])
+    )

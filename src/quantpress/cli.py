@@ -64,6 +64,12 @@ def quantize(
     true_sequential: bool = typer.Option(DEFAULT_Q.true_sequential, "--true-sequential/--no-true-sequential"),
     damp: float = typer.Option(DEFAULT_Q.damp_percent, help="damp_percent"),
     mse: bool = typer.Option(DEFAULT_Q.mse, "--mse/--no-mse", help="search the clipping range"),
+    mse_weighted: bool = typer.Option(DEFAULT_Q.mse_weighted, "--mse-weighted/--no-mse-weighted",
+                                      help="weight the range search by each input's mean square (needs --mse)"),
+    group_aware: bool = typer.Option(DEFAULT_Q.group_aware, "--group-aware/--no-group-aware",
+                                     help="GAR: quantize groups by importance, trivial g_idx"),
+    damp_search: bool = typer.Option(DEFAULT_Q.damp_search, "--damp-search/--no-damp-search",
+                                     help="pick damp per module by output error"),
     method: Method = typer.Option(DEFAULT_Q.method, help="gptq, or rtn (the baseline)"),
     dataset: str = typer.Option(DEFAULT_C.dataset, help="wikitext2, tinyshakespeare, or a text file"),
     nsamples: int = typer.Option(DEFAULT_C.nsamples, min=1),
@@ -81,7 +87,8 @@ def quantize(
     model_dir = model_dir or api.bundled_model_dir()
     config = read_json(model_dir / "config.json")
     quant = QuantConfig(bits=bits, group_size=group_size, act_order=act_order, sym=sym, static_groups=static_groups,
-                        true_sequential=true_sequential, damp_percent=damp, mse=mse, method=method)
+                        true_sequential=true_sequential, damp_percent=damp, mse=mse, mse_weighted=mse_weighted,
+                        group_aware=group_aware, damp_search=damp_search, method=method)
     calibration = CalibrationConfig(dataset, nsamples, seqlen or api.default_seqlen(config), seed, compute_dtype)
     out_dir = out_dir or Path("quantpress-out") / f"{model_dir.name}-{variant_name(quant)}"
     chat = _chat_config(prompt_template, system_prompt)
@@ -119,11 +126,21 @@ def eval_(
     dataset: str = typer.Option("wikitext2", help="wikitext2 (test split), tinyshakespeare, or a text file"),
     seqlen: Optional[int] = typer.Option(None, min=2, help="window length (default: min(2048, the model's context))"),
     max_windows: Optional[int] = typer.Option(None, min=1, help="evaluate on the first N windows only"),
+    reference: Optional[Path] = typer.Option(None, help="full-precision folder: also report KL divergence and "
+                                             "top-1 agreement to it, on the text in its chat format"),
 ) -> None:
     """Perplexity as the GPTQ paper computes it: non-overlapping windows, exp of mean NLL."""
-    result = _eval_with_bar(model_dir, dataset, seqlen, model_dir.name, max_windows)
+    loaded = api.load(model_dir)
+    result = _eval_with_bar(loaded, dataset, seqlen, model_dir.name, max_windows)
     print(f"{result.dataset} perplexity: {result.perplexity:.4f} "
           f"(seqlen {result.seqlen}, {result.windows} windows, {result.seconds:.1f} s)")
+    if reference is not None:
+        with _progress() as bar:
+            task = bar.add_task(f"agreement with {reference.name}", total=None)
+            agreement = api.compare(loaded, reference, dataset, seqlen, max_windows=max_windows,
+                                    on_window=lambda done, total: bar.update(task, completed=done, total=total))
+        print(f"KL to {reference.name}: {agreement.kl_divergence:.5f} nats/token, top-1 agreement "
+              f"{agreement.top1:.2%} ({dataset} in the reference's chat format, {agreement.tokens} tokens)")
 
 
 @app.command()

@@ -32,6 +32,16 @@ class QuantConfig:
     true_sequential: bool = True  # q/k/v -> o -> gate/up -> down, each seeing quantized inputs
     damp_percent: float = 0.1  # added to diag(H) as a fraction of its mean
     mse: bool = False  # search a shrunken clipping range per group (B1 `mse`)
+    # weight the range search's error per input column by diag(H), the mean squared activation
+    # of that input (llm-compressor's `imatrix_mse`): clip where it costs the output least
+    mse_weighted: bool = False
+    # group-aware reordering (GAR, GPTQModel's default): quantize whole groups in order of their
+    # largest diag(H), and columns within a group by diag(H); groups stay contiguous, so g_idx is
+    # trivial and every kernel runs it at full speed (unlike act_order without static_groups)
+    group_aware: bool = False
+    # choose damp_percent per module from DAMP_GRID by the lowest output error on the calibration
+    # data, tr((W - Q) H (W - Q)^T); damp_percent is then only the fallback for RTN-like failures
+    damp_search: bool = False
     block_size: int = 128  # lazy-batch width of the GPTQ update
     method: Method = Method.GPTQ
 
@@ -46,8 +56,12 @@ class QuantConfig:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         if not isinstance(self.method, Method):
             object.__setattr__(self, "method", Method(self.method))
-        if self.method is Method.RTN and self.act_order:
-            raise ConfigError("act_order orders columns by the Hessian, which RTN does not compute")
+        if self.method is Method.RTN and (self.act_order or self.group_aware or self.damp_search):
+            raise ConfigError("act_order, group_aware and damp_search use the Hessian, which RTN does not compute")
+        if self.mse_weighted and not self.mse:
+            raise ConfigError("mse_weighted weights the range search: it needs mse=True")
+        if self.group_aware and (self.act_order or self.group_size == -1):
+            raise ConfigError("group_aware reorders whole groups: it needs a group size and excludes act_order")
 
 
 COMPUTE_DTYPES = ("bfloat16", "float32")  # fp16 is left out: its CPU matmuls are ~50x slower

@@ -87,6 +87,9 @@ def quantize_config_dict(
             "static_groups": bool(quant.static_groups),
             "true_sequential": bool(quant.true_sequential),
             "mse": bool(quant.mse),
+            "mse_weighted": bool(quant.mse_weighted),
+            "group_aware": bool(quant.group_aware),
+            "damp_search": bool(quant.damp_search),
             "method": quant.method.value,
             # only the file name of a local text file: never publish a local path
             "dataset": dataset,

@@ -13,7 +13,7 @@ Nothing here touches modules, hooks, devices or files: the pipeline owns those.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -142,13 +142,56 @@ class GPTQResult:
     damp_percent: float
 
 
-@torch.no_grad()  # a Parameter passed in must not make the loop build an autograd graph
+DAMP_GRID = (0.001, 0.01, 0.05, 0.1)  # damp_search's candidates (GPTQModel defaults to 0.05)
+
+
+@torch.no_grad()
+def output_error(W: Tensor, Q: Tensor, H: Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the squared output error of Q in place of W on the calibration
+    inputs whose Hessian is H (up to GPTQ's 2/n scale): what GPTQ minimises, undamped."""
+    D = W.float() - Q
+    return float(((D @ H.float()) * D).sum())
+
+
 def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     """Quantize W [N, K] (out, in) with GPTQ given the input Hessian H [K, K] (spec B3, A5).
 
-    Uses cfg.bits, group_size, sym, mse, act_order, static_groups, damp_percent and block_size.
-    W may be fp16/bf16/fp32 and H fp32; all math is fp32; neither input is modified.
-    Raises NonFiniteError for NaN/Inf in W or H, HessianNotPositiveDefinite if damping fails.
+    With cfg.damp_search, GPTQ runs once per DAMP_GRID value and the result with the lowest
+    `output_error` wins: the best damping differs between modules (outlier-heavy down_projs want
+    little, nearly singular Hessians more), and a global constant is right for neither.
+    """
+    if not cfg.damp_search:
+        return _gptq(W, H, cfg)
+    best, best_error = None, math.inf
+    for damp in DAMP_GRID:
+        result = _gptq(W, H, replace(cfg, damp_percent=damp, damp_search=False))
+        error = output_error(W, result.fake, H)
+        if error < best_error:
+            best, best_error = result, error
+    return best
+
+
+def group_aware_order(diag: Tensor, group_size: int) -> Tensor:
+    """GAR's column order (arXiv:2505.14638): the groups by their largest diag(H), most important
+    first, each group's columns by diag(H). Groups stay whole and contiguous, so the stored g_idx
+    is the trivial k // group_size. A last, narrower group stays last, so every group still
+    starts at a multiple of group_size in quantization order."""
+    K = diag.numel()
+    full = K // group_size
+    within = [start + torch.argsort(diag[start : start + group_size], descending=True, stable=True)
+              for start in range(0, K, group_size)]
+    ranked = torch.argsort(diag[: full * group_size].view(full, group_size).amax(1), descending=True, stable=True)
+    return torch.cat([within[g] for g in [*ranked.tolist(), *range(full, len(within))]])
+
+
+@torch.no_grad()  # a Parameter passed in must not make the loop build an autograd graph
+def _gptq(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
+    """One GPTQ solve (spec B3, A5) with cfg.damp_percent.
+
+    Uses cfg.bits, group_size, sym, mse, mse_weighted, act_order, group_aware, static_groups,
+    damp_percent and block_size. W may be fp16/bf16/fp32 and H fp32; all math is fp32; neither
+    input is modified. Raises NonFiniteError for NaN/Inf in W or H, HessianNotPositiveDefinite
+    if damping fails.
     """
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"expected W [N, K] and H [K, K], got {list(W.shape)} and {list(H.shape)}")
@@ -162,10 +205,12 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     gs = cfg.group_size if grouped else K
 
     W = W.to(torch.float32, copy=True)  # (N, K), updated in place below
+    H = H.float()
+    # the range search weights each column's error by its curvature (natural column order)
+    importance = H.diagonal().clone() if cfg.mse_weighted else None
     if not grouped:
         # one grid per row; IST/AutoGPTQ take it before dead columns are zeroed, and so do we
-        scale, zero = find_params(W, bits, cfg.sym, mse=cfg.mse)
-    H = H.float()
+        scale, zero = find_params(W, bits, cfg.sym, mse=cfg.mse, importance=importance)
     dead = H.diagonal() == 0  # inputs that were always 0: their weights cannot matter
     if dead.any():
         H = H.clone()
@@ -175,13 +220,17 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     static = grouped and cfg.static_groups
     if static:
         # (G, N) group params from the pre-GPTQ weight, natural contiguous groups
-        static_scale, static_zero = group_params(W, gs, bits=bits, sym=cfg.sym, mse=cfg.mse)
+        static_scale, static_zero = group_params(W, gs, bits=bits, sym=cfg.sym, mse=cfg.mse, importance=importance)
     perm = None
     if cfg.act_order:
         # largest curvature first, while many unquantized columns remain to absorb their error
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    elif cfg.group_aware:
+        perm = group_aware_order(H.diagonal(), gs)
+    if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
+        importance = None if importance is None else importance[perm]
     U, damp = damped_cholesky_inverse(H, cfg.damp_percent)
     if static:
         # column (in quantization order) -> its natural group, to pick the static params
@@ -210,7 +259,8 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
             elif grouped and col % gs == 0:
                 # NB: reads W, not W1 (IST quirk, kept for bit-compatibility): a group starting
                 # mid-block gets params from weights without this block's updates so far
-                scale, zero = find_params(W[:, col : col + gs], bits, cfg.sym, mse=cfg.mse)
+                scale, zero = find_params(W[:, col : col + gs], bits, cfg.sym, mse=cfg.mse,
+                                          importance=None if importance is None else importance[col : col + gs])
                 scales.append(scale)
                 zeros.append(zero)
             w = W1[i]  # (N,)
@@ -228,13 +278,16 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
         scale_G, zero_G = static_scale, static_zero  # (G, N), natural group order (A5)
     elif grouped:
         scale_G, zero_G = torch.stack(scales), torch.stack(zeros)  # (G, N), quantization order
+        if cfg.group_aware:  # whole groups were processed out of order: store them in natural order
+            natural = torch.argsort(perm[::gs] // gs)
+            scale_G, zero_G = scale_G[natural], zero_G[natural]
     else:
         scale_G, zero_G = scale[None], zero[None]  # (1, N)
     g_idx = torch.arange(K, dtype=torch.int32, device=W.device) // gs
     if perm is not None:
         invperm = torch.argsort(perm)
         Q, Qint = Q[:, invperm], Qint[:, invperm]
-        if not static:
+        if cfg.act_order and not static:
             g_idx = g_idx[invperm]  # groups are contiguous in quantization order (A5)
     weight = QuantizedWeight(
         intweight=Qint.contiguous(),

@@ -65,13 +65,15 @@ def find_params(
     norm: float = 2.4,
     grid: int = 100,
     maxshrink: float = 0.8,
+    importance: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-row min-max grid for x [rows, cols]; returns (scale [rows], zero [rows]), both fp32.
 
     `scale` holds fp16-representable values, at least the smallest positive fp16.
     `zero` is integer-valued in [0, 2^bits - 1]; for `sym` it is exactly 2^(bits-1) (Marlin
     and the v1 qzeros constants assume it). With `mse`, each row independently takes the
-    shrunken range p*[xmin, xmax], p = 1, 1-1/grid, ..., that minimises sum |fake - x|^norm.
+    shrunken range p*[xmin, xmax], p = 1, 1-1/grid, ..., that minimises sum |fake - x|^norm,
+    each column's term weighted by `importance` ([cols] or [rows, cols], e.g. diag(H)) if given.
     Raises `NonFiniteError` if x has NaN/Inf or a scale would overflow fp16.
     """
     maxq = max_level(bits)
@@ -103,7 +105,8 @@ def find_params(
         p = 1 - i / grid
         scale1, zero1 = grid_for(p * xmin, p * xmax)
         _, fake = quantize(x, scale1[:, None], zero1[:, None], maxq)
-        err = fake.sub_(x).abs_().pow_(norm).sum(dim=1)  # [rows]
+        err = fake.sub_(x).abs_().pow_(norm)
+        err = (err if importance is None else err.mul_(importance)).sum(dim=1)  # [rows]
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, scale1, scale)
@@ -112,12 +115,13 @@ def find_params(
 
 
 def group_params(
-    W: Tensor, group_size: int, *, bits: int, sym: bool, mse: bool = False
+    W: Tensor, group_size: int, *, bits: int, sym: bool, mse: bool = False, importance: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """find_params for the natural contiguous groups of W [N, K]: (scale [G, N], zero [G, N]).
 
     G = ceil(K / group_size); the last group is narrower when group_size does not divide K.
-    Vectorized: all full groups in one call, the remainder in a second.
+    Vectorized: all full groups in one call, the remainder in a second. `importance` [K] weights
+    the MSE search's error per input column.
     """
     if group_size <= 0:
         raise ConfigError(f"group_size must be positive here, got {group_size}")
@@ -126,10 +130,13 @@ def group_params(
     G_full = full // group_size
     # (N, G, gs) -> (G, N, gs) -> (G*N, gs): one row per (group, output channel)
     rows = W[:, :full].reshape(N, G_full, group_size).transpose(0, 1).reshape(-1, group_size)
-    scale, zero = find_params(rows, bits, sym, mse=mse)
+    weights = None if importance is None else importance[:full].reshape(G_full, 1, group_size).expand(
+        G_full, N, group_size).reshape(-1, group_size)
+    scale, zero = find_params(rows, bits, sym, mse=mse, importance=weights)
     scale, zero = scale.view(G_full, N), zero.view(G_full, N)
     if full < K:
-        tail_scale, tail_zero = find_params(W[:, full:], bits, sym, mse=mse)
+        tail_scale, tail_zero = find_params(W[:, full:], bits, sym, mse=mse,
+                                            importance=None if importance is None else importance[full:])
         scale = torch.cat([scale, tail_scale[None]])
         zero = torch.cat([zero, tail_zero[None]])
     return scale, zero

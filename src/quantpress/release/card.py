@@ -163,7 +163,8 @@ def _file_row(v: VariantResult, shapes: compat.Shapes) -> dict[str, str]:
         "bits": str(v.quant.bits),
         "gs": format_group_size(v.quant.group_size),
         "act_order": yes_no(v.quant.act_order),
-        "damp": f"{v.quant.damp_percent:g}" if calibrated else "n/a (RTN)",
+        "damp": ("per module" if v.quant.damp_search else f"{v.quant.damp_percent:g}") if calibrated else "n/a (RTN)",
+        "levers": ", ".join(_levers(v.quant)) or "—",
         "dataset": table_cell(dataset_label(v.calibration.dataset)) if calibrated else "n/a (RTN)",
         "seqlen": str(v.calibration.seqlen) if calibrated else "n/a",
         "size": human_size(v.size_bytes),
@@ -171,6 +172,14 @@ def _file_row(v: VariantResult, shapes: compat.Shapes) -> dict[str, str]:
         "marlin": yes_no(compat.marlin(v.quant, shapes).ok),
         "desc": table_cell(v.description),
     }
+
+
+def _levers(quant: QuantConfig) -> list[str]:
+    """The quality options beyond TheBloke's columns, as the card's Levers cell names them."""
+    named = [(quant.static_groups, "static groups"), (quant.group_aware, "group-aware order"),
+             (quant.mse and not quant.mse_weighted, "MSE range"), (quant.mse_weighted, "weighted MSE range"),
+             (quant.damp_search, "damp search")]
+    return [name for on, name in named if on]
 
 
 def _quality_row(v: VariantResult, baseline: Baseline) -> dict[str, str]:

@@ -1,0 +1,142 @@
+"""Issue 12's quality levers on SmolLM2-135M-Instruct, each alone and combined, against full
+precision and RTN, from identical calibration windows.
+
+    python bench/smollm2_levers.py --bits 4 --group-size 128                  # every variant
+    python bench/smollm2_levers.py --variants gptq gar combo --section levers-4bit
+
+Protocol (issue 12): calibration 128 x 512 tokens of wikitext-2 valid (seed 0), sym, damp 0.1
+unless the lever changes it; wikitext-2 test perplexity on the first 40 non-overlapping
+512-token windows; KL divergence and top-1 agreement to full precision on wikitext-2 test
+rendered as conversations in SmolLM2's own chat template (first 20 windows of 512). Quantize time
+and peak RSS come from a child process per variant (the parent imports no torch, so the child's
+ru_maxrss is its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line, machine, run_child, table, write_section
+from real_model import cache_dir, smollm2_dir
+
+# name -> QuantConfig fields on top of the base setting (bits/group size from the command line)
+VARIANTS: dict[str, dict] = {
+    "rtn": {"method": "rtn"},
+    "gptq": {},
+    "mse": {"mse": True},
+    "mse-weighted": {"mse": True, "mse_weighted": True},
+    "static-act-order": {"act_order": True, "static_groups": True},
+    "gar": {"group_aware": True},
+    "damp-search": {"damp_search": True},
+    "combo": {"group_aware": True, "mse": True, "mse_weighted": True, "damp_search": True},
+}
+
+
+def child_prepare(model: Path, work: Path, seed: int, nsamples: int, seqlen: int) -> None:
+    """The calibration windows, saved once so every variant sees the same tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    from quantpress import CalibrationConfig
+    from quantpress.calibration import calibration_examples
+    from quantpress.formats.hf_folder import load_tokenizer
+
+    path = work / f"examples-seed{seed}-{nsamples}x{seqlen}.safetensors"
+    if not path.exists():
+        ids = calibration_examples(load_tokenizer(model), CalibrationConfig(nsamples=nsamples, seqlen=seqlen, seed=seed))
+        save_file({"input_ids": ids.contiguous()}, str(path))
+    print(json.dumps({"examples": str(path), "threads": torch.get_num_threads()}))
+
+
+def child_quantize(model: Path, out: Path, examples: Path, fields: dict, seed: int) -> None:
+    from safetensors.torch import load_file
+
+    import quantpress
+    from quantpress import CalibrationConfig, QuantConfig
+
+    ids = load_file(str(examples))["input_ids"]
+    quant = QuantConfig(**fields)
+    calibration = None if quant.method.value == "rtn" else CalibrationConfig(nsamples=len(ids), seqlen=ids.shape[1],
+                                                                            seed=seed)
+    report = quantpress.quantize(model, out, quant, calibration, examples=None if calibration is None else ids,
+                                 overwrite=True)
+    print(json.dumps({"seconds": report.seconds, "size_bytes": report.size_bytes}))
+
+
+def child_eval(folder: Path, reference: Path, ppl_windows: int, kl_windows: int, seqlen: int) -> None:
+    import quantpress
+    from quantpress import api
+
+    loaded = quantpress.load(folder)
+    ppl = quantpress.evaluate(loaded, seqlen=seqlen, max_windows=ppl_windows).perplexity
+    result = {"perplexity": ppl}
+    if folder != reference:
+        agreement = api.compare(loaded, reference, seqlen=seqlen, max_windows=kl_windows)
+        result |= {"kl": agreement.kl_divergence, "top1": agreement.top1}
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument("--kl-windows", type=int, default=20)
+    parser.add_argument("--section", default=None, help="write the table into BENCHMARKS.md under this name")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return run_as_child(args)
+
+    model, work = smollm2_dir(), cache_dir() / "levers"
+    work.mkdir(parents=True, exist_ok=True)
+    me = [sys.executable, __file__]
+    shape = ["--seqlen", str(args.seqlen), "--nsamples", str(args.nsamples), "--seed", str(args.seed),
+             "--ppl-windows", str(args.ppl_windows), "--kl-windows", str(args.kl_windows)]
+    examples = run_child([*me, *shape, "--child", "prepare", str(model), str(work)]).result["examples"]
+    fp = run_child([*me, *shape, "--child", "eval", str(model), str(model)]).result
+    size_fp = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    rows = [["full precision (bf16)", f"{fp['perplexity']:.2f}", "—", "0", "100%", f"{size_fp / 2**20:.0f}", "", ""]]
+    print(rows[-1], flush=True)
+    for name in args.variants:
+        fields = {"bits": args.bits, "group_size": args.group_size, **VARIANTS[name]}
+        out = work / f"{name}-{args.bits}b-g{args.group_size}-seed{args.seed}"
+        q = run_child([*me, *shape, "--child", "quantize", str(model), str(out), examples, json.dumps(fields)])
+        e = run_child([*me, *shape, "--child", "eval", str(out), str(model)]).result
+        rows.append([name, f"{e['perplexity']:.2f}", f"{e['perplexity'] / fp['perplexity'] - 1:+.1%}",
+                     f"{e['kl']:.4f}", f"{e['top1']:.1%}", f"{q.result['size_bytes'] / 2**20:.0f}",
+                     f"{q.result['seconds']:.0f}", f"{q.peak_rss_mib:.0f}"])
+        print(rows[-1], flush=True)
+    body = (f"`{command_line()}`\n\n{machine()}. SmolLM2-135M-Instruct, {args.bits}-bit g{args.group_size} sym; "
+            f"calibration {args.nsamples} × {args.seqlen} wikitext-2 valid tokens, seed {args.seed}; perplexity on "
+            f"{args.ppl_windows} × {args.seqlen} wikitext-2 test tokens; KL / top-1 to full precision on "
+            f"{args.kl_windows} × {args.seqlen} tokens of wikitext-2 test in SmolLM2's chat template.\n\n"
+            + table(["variant", "perplexity", "vs fp", "KL (nats/token)", "top-1", "size MiB", "quantize s",
+                     "peak RSS MiB"], rows))
+    print(body)
+    if args.section:
+        write_section(args.section, body)
+
+
+def run_as_child(args) -> None:
+    kind, *rest = args.child
+    if kind == "prepare":
+        child_prepare(Path(rest[0]), Path(rest[1]), args.seed, args.nsamples, args.seqlen)
+    elif kind == "quantize":
+        child_quantize(Path(rest[0]), Path(rest[1]), Path(rest[2]), json.loads(rest[3]), args.seed)
+    else:
+        child_eval(Path(rest[0]), Path(rest[1]), args.ppl_windows, args.kl_windows, args.seqlen)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

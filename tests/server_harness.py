@@ -1,12 +1,22 @@
-"""Run a quantpress app on a loopback port in a background thread, for tests with real clients."""
+"""Run a quantpress app on a loopback port, for tests with real clients: in a background thread
+(`running`), or in a child process (`serving_process`) when a test measures the server alone."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -62,3 +72,53 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
             return True
         time.sleep(interval)
     return predicate()
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    url: str
+    pid: int
+
+
+@contextmanager
+def serving_process(model_dir: str | Path, *options: str) -> Iterator[ServerProcess]:
+    """Run `quantpress serve model_dir *options` in a child process until the block ends.
+
+    The real command, in a process of its own: what it measures (RSS) is the server alone, with
+    the process setup `serve` does, and a client's own work (building a 10 MB body, say) cannot
+    hold the server's event loop up through a shared GIL.
+    """
+    with socket.socket() as probe:  # a free port; the child binds it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nobody reads while it serves
+        # one intra-op thread, as the tests' own models run (conftest): the box is shared
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        child = subprocess.Popen([sys.executable, "-m", "quantpress.cli", "serve", str(model_dir), "--port",
+                                  str(port), *options], stdout=log, stderr=log, env=env)
+        try:
+            wait_until(lambda: child.poll() is not None or _healthy(url), timeout=STARTUP_TIMEOUT_S * 4)
+            if not _healthy(url):
+                log.seek(0)
+                raise RuntimeError(f"`quantpress serve` did not start:\n{log.read()[-3000:]}")
+            yield ServerProcess(url, child.pid)
+        finally:
+            child.terminate()  # uvicorn shuts down gracefully on SIGTERM
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def _healthy(url: str) -> bool:
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=1)  # no proxy from the env
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()

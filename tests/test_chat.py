@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from quantpress.errors import PromptTooLong
-from quantpress.prompts import chat_formatter
+from quantpress.prompts import chat_formatter, folder_formatter
 from quantpress.runtime.chat import ReplyFilter, chat_loop, fit_conversation
 from quantpress.runtime.detokenize import (
     IncrementalDetokenizer,
@@ -119,6 +119,18 @@ def test_old_exchanges_are_dropped_when_the_context_fills(loaded):
     assert len(formatter.inner.encode(messages[:-1])) <= 60  # the last prompt the model saw fit
     with pytest.raises(PromptTooLong, match="max-new-tokens"):
         chat_loop(short, formatter, GREEDY, system="S", read=Session(["word " * 80]).read, write=session.write)
+
+
+def test_a_message_the_template_cannot_render_is_not_sent_and_the_chat_goes_on(loaded, tmp_path):
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['content'] == 'boom' %}{{ 1/0 }}{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    formatter = folder_formatter(tmp_path, loaded.tokenizer)
+    session = Session(["boom", "The king said"])
+    messages = chat_loop(loaded, formatter, GREEDY, system=None, read=session.read, write=session.write)
+    assert session.turns[1] == ["[not sent: the chat template failed: ZeroDivisionError: division by zero]\n"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "The king said"
+    assert "".join(session.turns[2]) == messages[1]["content"] + "\n"
 
 
 # --- pure pieces ----------------------------------------------------------------------------------

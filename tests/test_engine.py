@@ -291,7 +291,8 @@ def test_rejects_too_long_prompts_and_bad_params(engine):
     with pytest.raises(ConfigError):
         engine.submit([], GenerationParams(max_new_tokens=1))
     for bad in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"typical_p": 1.5},
-                {"top_k": -1}, {"repetition_penalty": 0.0}, {"seed": -1}, {"stop": ("",)}):
+                {"top_k": -1}, {"repetition_penalty": 0.0}, {"seed": -1}, {"stop": ("",)},
+                {"temperature": float("inf")}, {"repetition_penalty": float("inf")}, {"temperature": float("nan")}):
         with pytest.raises(ConfigError):
             GenerationParams(**{"max_new_tokens": 1, **bad})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from quantpress.prompts import (
     rag_prompt,
     render_chat,
 )
+from quantpress.prompts.sandbox import RenderLimits
 
 VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
               "helpful, detailed, and polite answers to the user's questions.")
@@ -239,6 +241,65 @@ def test_jinja_whitespace_control_and_continue_final():
 def test_jinja_errors_are_template_errors(source, match):
     with pytest.raises(TemplateError, match=match):
         JinjaChatTemplate(source).render(conv("u1"))
+
+
+# (source, what the TemplateError says): templates that would run for ever, fill memory, or raise
+# what Jinja does not (issue 11, findings 4 and 7); each is refused within its render budget
+HOSTILE_TEMPLATES = [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "CPU time"),
+    ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}", "CPU time"),
+    ("{% for m in messages %}{% for c in range(10**5) %}{% for d in range(10**5) %}{% endfor %}{% endfor %}"
+     "{% endfor %}", "CPU time"),
+    ("{{ 10**(10**7) > 1 }}", "more than 65536 bits"),
+    ("{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}", "bits"),
+    ("{{ 'x' * 10**10 }}", "builds more than"),
+    ("{{ ['x' * 1000000] * 1000 }}", "builds more than"),  # printing it would repeat the string
+    ("{{ 'a'|center(9999999999) }}", "builds more than"),  # a literal width: not folded at compile time
+    ("{{ 'a'.ljust(10**10) }}", "builds more than"),
+    ("{{ '%999999999d' % 1 }}", "builds more than"),
+    ("{{ ('%s' * 1000) % (('y' * 100000,) * 1000) }}", "builds more than"),
+    ("{{ '{:>999999999}'.format(1) }}", "builds more than"),
+    ("{{ range(1000)|map('string')|join('z' * 10000000) }}", "builds more than"),
+    ("{{ ('a' * 1000).replace('', 'b' * 100000) }}", "builds more than"),
+    ("{{ 'ab'|indent(10**9) }}", "builds more than"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "builds more than"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "builds more than"),
+    ("{% macro twice(s) %}{{ s }}{{ s }}{% endmacro %}{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+     "{% set ns.s = twice(ns.s) %}{% endfor %}", "builds more than"),
+    ("{{ 1/0 }}", "the chat template failed: ZeroDivisionError: division by zero"),
+    ("{% macro deeper(n) %}{{ deeper(n + 1) }}{% endmacro %}{{ deeper(0) }}", "RecursionError"),
+    ("{{ messages[0]['content'].index('no such text') }}", "ValueError: substring not found"),
+    ("{{ 'abc'.encode('no-such-codec') }}", "LookupError"),
+]
+
+
+@pytest.mark.parametrize(("source", "match"), HOSTILE_TEMPLATES)
+def test_hostile_templates_are_template_errors_within_their_budget(source, match):
+    start = time.perf_counter()
+    with pytest.raises(TemplateError, match=match):
+        JinjaChatTemplate(source).render(conv("u1"))
+    assert time.perf_counter() - start < 5  # the budget is 1 s of CPU time; compiling is instant
+
+
+def test_what_real_templates_do_stays_within_the_budgets():
+    source = ("{% for m in messages recursive %}{{ loop.index }}/{{ loop.length }} {{ m.content | trim | upper }}"
+              "{% if m.children %}{{ loop(m.children) }}{% endif %}{% endfor %}|{{ '%d' | format(1700000000) }}|"
+              "{{ '{:>6}'.format('r') }}|{{ 'a,b'.split(',') | join('+') }}|"
+              "{{ messages | tojson(indent=2) | length }}")
+    jinja = JinjaChatTemplate(source)
+    assert jinja.render(conv("hi", "yo"), add_generation_prompt=False) == "1/2 HI2/2 YO|1700000000|     r|a+b|105"
+    long = [{"role": "user", "content": "word " * 200_000}]  # 1 MB: a long prompt is no template abuse
+    assert len(JinjaChatTemplate(LLAMA_2_JINJA).render(long)) > 1_000_000
+
+
+def test_each_render_gets_a_fresh_budget():
+    jinja = JinjaChatTemplate("{% for i in range(1000) %}{% for j in range(300) %}{% endfor %}{% endfor %}"
+                              "{{ 'x' * 10000000 }}",
+                              limits=RenderLimits(cpu_seconds=2.0, max_built=25_000_000))
+    for _ in range(3):  # together they would exceed both budgets
+        assert len(jinja.render(conv("u1"))) == 10_000_000
 
 
 def test_jinja_helpers_are_available():

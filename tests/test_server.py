@@ -18,7 +18,7 @@ from server_harness import running, tgi_events
 
 from quantpress.runtime.generate import complete
 from quantpress.runtime.sampling import SamplingParams
-from quantpress.server import ServerSettings, create_app
+from quantpress.server import ServerSettings, create_app, openai_api, tgi
 
 # the legacy client calls pydantic's deprecated .dict(); its warnings are not ours
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:text_generation")
@@ -255,6 +255,25 @@ def test_malformed_bodies_are_422(http):
     assert r.status_code == 422 and "parameters.temperature" in r.json()["error"]
     r = generate(http, max_new_tokens=2, stop=[""])  # an empty stop string would stop at once: dropped
     assert r.status_code == 200 and r.json()["generated_text"]
+
+
+def test_an_unexpected_error_is_a_json_500_in_the_route_family_shape(http, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(tgi, "validate_generate", broken)
+    monkeypatch.setattr(openai_api, "completion_prompts", broken)
+    r = generate(http, max_new_tokens=2)
+    assert r.status_code == 500 and r.json() == {"error": "Internal server error: RuntimeError", "error_type": "internal"}
+    r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
+    assert "connection" not in r.headers  # the keep-alive connection stays open
+
+
+def test_unknown_routes_answer_in_the_route_family_shape(http):
+    assert http.get("/nowhere").json() == {"error": "Not Found", "error_type": "not_found"}
+    r = http.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 # -- info, health, metrics, tokenize -----------------------------------------------------------

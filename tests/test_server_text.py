@@ -25,7 +25,8 @@ from quantpress.server.validation import (
 )
 
 LIMITS = Limits(model_id="m", max_input_tokens=100, max_total_tokens=128, max_concurrent_requests=4,
-                max_batch_size=2, max_stop_sequences=4, max_top_n_tokens=5)
+                max_batch_size=2, max_stop_sequences=4, max_top_n_tokens=5, max_request_bytes=2_000_000,
+                validation_workers=2)
 
 
 def event(index: int, text: str, *, special: bool = False, finish: str | None = None) -> TokenEvent:
@@ -110,3 +111,15 @@ def test_limits_default_from_the_model_and_must_fit_it():
         resolve_limits(loaded, ServerSettings(max_total_tokens=1024))
     with pytest.raises(ConfigError, match="must be at least 1 and less than max_total_tokens"):
         resolve_limits(loaded, ServerSettings(max_input_tokens=512))
+
+
+def test_request_size_limit_fits_max_input_tokens_of_text():
+    loaded = quantpress.load(quantpress.bundled_model_dir(), tokenizer=False)
+    assert resolve_limits(loaded, ServerSettings()).max_request_bytes == 2_000_000  # TGI's default is the floor
+    loaded.model.config.max_position_embeddings = 131072  # a long-context model: 64 bytes per prompt token
+    assert resolve_limits(loaded, ServerSettings()).max_request_bytes == 131071 * 64
+    assert resolve_limits(loaded, ServerSettings(max_request_bytes=1000)).max_request_bytes == 1000
+    with pytest.raises(ConfigError, match="max_request_bytes must be at least 1"):
+        resolve_limits(loaded, ServerSettings(max_request_bytes=0))
+    with pytest.raises(ConfigError, match="validation_workers must be at least 1"):
+        resolve_limits(loaded, ServerSettings(validation_workers=0))

@@ -292,13 +292,17 @@ def serve(
     template: Optional[str] = typer.Option(None, help="chat prompt format for /v1/chat/completions"),
     batch_invariant: bool = typer.Option(False, help="a seeded request gives bitwise the same text alone and "
                                          "under load (fixed GEMM shapes; ~2x slower single stream)"),
+    max_request_bytes: Optional[int] = typer.Option(None, min=1, help="larger bodies get 413 (default: 64 bytes "
+                                                    "per input token, at least 2 MB)"),
+    validation_workers: int = typer.Option(2, min=1, help="threads that tokenize and render chat templates"),
 ) -> None:
     """Serve a model over HTTP: TGI routes (/generate, /generate_stream, ...) and OpenAI routes (/v1/...)."""
     from quantpress.server.app import ServerSettings, serve as run_server
 
     settings = ServerSettings(model_id=model_id or model_dir.name, max_input_tokens=max_input_tokens,
                               max_total_tokens=max_total_tokens, max_concurrent_requests=max_concurrent_requests,
-                              max_batch_size=max_batch_size, template=template, batch_invariant=batch_invariant)
+                              max_batch_size=max_batch_size, template=template, batch_invariant=batch_invariant,
+                              max_request_bytes=max_request_bytes, validation_workers=validation_workers)
     run_server(model_dir, host, port, settings)
 
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from quantpress.errors import CheckpointError, PromptTooLong
+from quantpress.errors import CheckpointError, PromptTooLong, TemplateError
 from quantpress.runtime.detokenize import (
     IncrementalDetokenizer,
     first_stop,
@@ -52,6 +52,8 @@ def chat_loop(
     When the conversation plus max_new_tokens outgrows the model's context, the oldest
     user/assistant exchanges are dropped (the system prompt stays) and a notice says so;
     PromptTooLong is raised when the system prompt and the newest message alone do not fit.
+    A message the prompt format cannot render (TemplateError: the chat template raised, or ran
+    out of its render budget) is left out of the conversation with a notice, and the chat goes on.
     """
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.path} has no tokenizer files; cannot chat with it")
@@ -68,7 +70,12 @@ def chat_loop(
         if not text:
             continue
         messages.append({"role": "user", "content": text})
-        messages, prompt_ids, dropped = fit_conversation(formatter, messages, _budget(loaded, params))
+        try:
+            messages, prompt_ids, dropped = fit_conversation(formatter, messages, _budget(loaded, params))
+        except TemplateError as e:
+            messages.pop()
+            write(f"[not sent: {e}]\n")
+            continue
         if dropped:
             write(f"[context full: dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''}]\n")
         reply = stream_reply(loaded, prompt_ids, params, formatter.stop, write)

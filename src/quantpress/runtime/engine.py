@@ -40,7 +40,7 @@ from quantpress.runtime.ragged import (
     install_ragged_attention,
     ragged_forward,
 )
-from quantpress.runtime.sampling import apply_repetition_penalty, warp
+from quantpress.runtime.sampling import apply_repetition_penalty, check_finite, warp
 from quantpress.runtime.stream import Stream, TokenEvent
 
 __all__ = ["Engine", "EngineStats", "GenerationParams", "Stream", "TokenEvent"]
@@ -67,6 +67,8 @@ class GenerationParams:
     def __post_init__(self) -> None:
         # The server validates with TGI's messages first; this only guards direct callers.
         object.__setattr__(self, "stop", tuple(self.stop))
+        check_finite(temperature=self.temperature, top_p=self.top_p, typical_p=self.typical_p,
+                     repetition_penalty=self.repetition_penalty)
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),

@@ -2,16 +2,34 @@
 
 Each request carries its own `torch.Generator`, so a seeded request samples the same tokens
 whatever else runs in the process (no global RNG state).
+
+Every finite value the parameter checks accept is safe here: a temperature, top_p or penalty that
+float32 rounds to 0 or to inf (1e-300, 1e-308) never produces inf - inf or 0 / 0, and every filter
+keeps at least the most likely token, so the probabilities handed to `torch.multinomial` are
+always a distribution.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from quantpress.errors import ConfigError
+
+
+def check_finite(**values: float) -> None:
+    """ConfigError naming the first value that is NaN or infinite (they pass `x > 0` style checks
+    only by accident: nan > 0 is False, inf > 0 is True)."""
+    for name, value in values.items():
+        try:
+            finite = math.isfinite(value)
+        except (TypeError, OverflowError):  # not a number, or an int too large for a float
+            finite = False
+        if not finite:
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -24,6 +42,7 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        check_finite(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -41,12 +60,32 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """Make already-seen tokens less likely: divide positive logits, multiply negative ones."""
+    """Make already-seen tokens less likely: divide positive logits, multiply negative ones.
+
+    Computed in float64 (a penalty of 1e-308 is 0 in float32, and 0 * inf is NaN) and clamped to
+    the finite range of `logits`' dtype, so the result is finite for every penalty > 0.
+    """
     if penalty == 1.0 or seen.numel() == 0:
         return logits
-    picked = logits.gather(-1, seen)
+    picked = logits.gather(-1, seen).double()
     picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(-1, seen, picked)
+    finite = torch.finfo(logits.dtype)
+    return logits.scatter(-1, seen, picked.clamp(finite.min, finite.max).to(logits.dtype))
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """`logits` / temperature, shifted so the largest is 0 (softmax is unchanged by the shift).
+
+    After the shift every logit is <= 0, so a tiny temperature sends the others towards -inf and
+    leaves the best at exactly 0 (greedy in the limit) instead of computing inf - inf. The divisor
+    is clamped to the dtype's positive normal range, where 1e-300 (0 in float32) and 1e300 (inf)
+    give the same result as the exact value would.
+    """
+    if temperature == 1.0:
+        return logits
+    finite = torch.finfo(logits.dtype)
+    shifted = logits - logits.max(-1, keepdim=True).values
+    return shifted / min(max(temperature, finite.tiny), finite.max)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -63,6 +102,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     sorted_logits, order = torch.sort(logits, descending=True)
     cumulative = sorted_logits.softmax(-1).cumsum(-1)
     drop = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
+    drop[..., 0] = False  # the most likely token always stays (p may round to 0 in float32)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter(-1, order, sorted_logits)
 
@@ -87,8 +127,7 @@ def typical_p_filter(logits: Tensor, mass: float) -> Tensor:
 def warp(logits: Tensor, temperature: float, top_k: int, top_p: float, typical_p: float) -> Tensor:
     """Temperature, then top-k, top-p and typical-p filtering: the order of transformers' and TGI's
     logits warpers. 1.0 / 0 / 1.0 / 1.0 disable each."""
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = apply_temperature(logits, temperature)
     return typical_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), typical_p)
 
 

@@ -12,9 +12,11 @@ from fastapi import FastAPI
 import quantpress
 from quantpress.errors import CheckpointError
 from quantpress.prompts import chat_formatter
+from quantpress.models.skeleton import keep_freed_memory_small
 from quantpress.runtime.engine import Engine
 from quantpress.runtime.loader import LoadedModel, load
 from quantpress.server import openai_api, tgi
+from quantpress.server.body import BodySizeLimit
 from quantpress.server.errors import install_handlers
 from quantpress.server.metrics import Metrics
 from quantpress.server.settings import ServerSettings, resolve_limits
@@ -49,7 +51,8 @@ def create_app(loaded: LoadedModel, settings: ServerSettings | None = None) -> F
     app.state.quantpress = state
     app.include_router(tgi.build_router())
     app.include_router(openai_api.build_router())
-    install_handlers(app, metrics.request_failed)
+    install_handlers(app, metrics.request_failed, limits.max_request_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_request_bytes)  # outermost: sees every body
     return app
 
 
@@ -58,5 +61,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8080,
     """Load `model_dir` and serve it until interrupted."""
     import uvicorn
 
+    keep_freed_memory_small()
     app = create_app(load(model_dir), settings)
     uvicorn.run(app, host=host, port=port, log_level="info")
+

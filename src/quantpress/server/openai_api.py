@@ -20,12 +20,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 import quantpress
-from quantpress import errors
 from quantpress.runtime.engine import GenerationParams, TokenEvent
+from quantpress.server.body import StrictJsonRoute
 from quantpress.server.errors import (
     ApiError,
     finite_logprob,
-    from_engine,
     invalid,
     openai_body,
 )
@@ -58,7 +57,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/compl
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", route_class=StrictJsonRoute)
     router.add_api_route("/chat/completions", chat_completions, methods=["POST"], response_model=None)
     router.add_api_route("/completions", completions, methods=["POST"], response_model=None)
     router.add_api_route("/models", models, methods=["GET"])
@@ -100,10 +99,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     state.metrics.request_started()
     timer = RequestTimer()
     check_chat(body, state.limits)
-    try:
-        prompt_ids = state.formatter.encode(message_dicts(body.messages), add_generation_prompt=True)
-    except errors.QuantpressError as e:  # TemplateError: roles out of order, a template that raises
-        raise from_engine(e) from e
+    # a TemplateError (roles out of order, a template that raises or runs out of budget) is a 422
+    prompt_ids = await state.off_loop(state.formatter.encode, message_dicts(body.messages), add_generation_prompt=True)
     max_new_tokens = resolve_max_new_tokens(body.max_completion_tokens or body.max_tokens, len(prompt_ids),
                                             state.limits)
     # Stop strings of the prompt format (e.g. "USER:") come first; the client's are added to them.
@@ -209,7 +206,7 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     state.metrics.request_started()
     timer = RequestTimer()
     check_completion(body, state.limits)
-    prompts = completion_prompts(body, state)
+    prompts = await state.off_loop(completion_prompts, body, state)
     if body.stream and len(prompts) > 1:
         raise invalid("streaming takes one prompt per request")
     requested = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
@@ -288,7 +285,7 @@ async def completion_logprobs(body: CompletionRequest, prompt: Prompt, events: l
     tokens: list[str] = []
     values: list[float | None] = []
     if body.echo:
-        tokens = token_texts(state.tokenizer, prompt.ids)
+        tokens = await state.off_loop(token_texts, state.tokenizer, prompt.ids)
         values = list(await state.prompt_logprobs(prompt.ids))
     tokens += [e.text for e in events]
     values += [e.logprob for e in events]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Request
@@ -17,6 +19,8 @@ from quantpress.server.errors import ApiError, from_engine
 from quantpress.server.metrics import Metrics, RequestTimer
 from quantpress.server.settings import Limits
 
+T = TypeVar("T")
+
 
 @dataclass
 class ServerState:
@@ -27,10 +31,23 @@ class ServerState:
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))  # OpenAI `created` of the model
     running: bool = False  # the engine is started and not closed
+    validation_threads: anyio.CapacityLimiter = field(init=False)  # limits.validation_workers of them
+
+    def __post_init__(self) -> None:
+        self.validation_threads = anyio.CapacityLimiter(self.limits.validation_workers)
 
     @property
     def tokenizer(self):
         return self.loaded.tokenizer
+
+    async def off_loop(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run request work that can take long (tokenizing a prompt, rendering a chat template,
+        decoding many tokens) on a validation worker thread, so the event loop keeps answering
+        every other request (/health included) meanwhile. QuantpressErrors become HTTP errors."""
+        try:
+            return await anyio.to_thread.run_sync(partial(function, *args, **kwargs), limiter=self.validation_threads)
+        except errors.QuantpressError as e:
+            raise from_engine(e) from e
 
     def start(self, prompt_ids: list[int], params: GenerationParams, timer: RequestTimer) -> Generation:
         """Queue a generation; a full queue is 429, an over-long prompt 422."""

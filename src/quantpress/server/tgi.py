@@ -14,8 +14,10 @@ from fastapi.responses import JSONResponse
 
 import quantpress
 from quantpress.runtime.engine import TokenEvent
+from quantpress.server.body import StrictJsonRoute
 from quantpress.server.errors import ApiError, finite_logprob, tgi_body
 from quantpress.server.metrics import CONTENT_TYPE, RequestTimer
+from quantpress.server.settings import Limits
 from quantpress.server.sse import EventStreamResponse, tgi_event, unless_disconnected
 from quantpress.server.state import Generation, ServerState, State, collect
 from quantpress.server.text import token_texts
@@ -23,6 +25,8 @@ from quantpress.server.validation import (
     CompatGenerateRequest,
     GenerateRequest,
     ValidRequest,
+    check_input_length,
+    encode,
     validate_generate,
 )
 
@@ -30,7 +34,7 @@ CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it
 
 
 def build_router() -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=StrictJsonRoute)
     router.add_api_route("/", compat_generate, methods=["POST"], response_model=None)
     router.add_api_route("/generate", generate, methods=["POST"], response_model=None)
     router.add_api_route("/generate_stream", generate_stream, methods=["POST"], response_model=None)
@@ -62,18 +66,20 @@ async def generate_stream(body: GenerateRequest, state: State) -> Response:
     return await start_stream(body, state)
 
 
-def admit(body: GenerateRequest, state: ServerState, *, stream: bool) -> tuple[ValidRequest, Generation, RequestTimer]:
-    """Validate, then queue; errors here are HTTP errors, before any byte of a stream is sent."""
+async def admit(body: GenerateRequest, state: ServerState, *,
+                stream: bool) -> tuple[ValidRequest, Generation, RequestTimer]:
+    """Validate (tokenizing off the event loop), then queue; errors here are HTTP errors, before
+    any byte of a stream is sent."""
     state.metrics.request_started()
     timer = RequestTimer()
-    valid = validate_generate(body, state.tokenizer, state.limits, stream=stream)
+    valid = await state.off_loop(validate_generate, body, state.tokenizer, state.limits, stream=stream)
     state.metrics.request_validated(valid.input_length, valid.params.max_new_tokens)
     timer.mark_validated()
     return valid, state.start(valid.prompt_ids, valid.params, timer), timer
 
 
 async def run_generate(body: GenerateRequest, request: Request, state: ServerState, *, as_list: bool) -> Response:
-    valid, generation, timer = admit(body, state, stream=False)
+    valid, generation, timer = await admit(body, state, stream=False)
 
     want_prefill = valid.details and valid.decoder_input_details
 
@@ -104,7 +110,7 @@ async def run_generate(body: GenerateRequest, request: Request, state: ServerSta
 
 
 async def start_stream(body: GenerateRequest, state: ServerState) -> Response:
-    valid, generation, timer = admit(body, state, stream=True)
+    valid, generation, timer = await admit(body, state, stream=True)
     return EventStreamResponse(stream_events(body.inputs, valid, generation, timer, state), generation.close)
 
 
@@ -144,7 +150,7 @@ def token_json(event: TokenEvent) -> dict:
 async def prefill_tokens(state: ServerState, prompt_ids: list[int]) -> list[dict]:
     """`decoder_input_details`: each prompt token with its log-probability (the first has none)."""
     logprobs = await state.prompt_logprobs(prompt_ids)
-    texts = token_texts(state.tokenizer, prompt_ids)
+    texts = await state.off_loop(token_texts, state.tokenizer, prompt_ids)
     return [{"id": i, "text": t, "logprob": finite_logprob(lp)} for i, t, lp in zip(prompt_ids, texts, logprobs)]
 
 
@@ -193,7 +199,7 @@ async def info(state: State) -> dict:
         "max_input_tokens": limits.max_input_tokens,
         "max_total_tokens": limits.max_total_tokens,
         "max_batch_size": limits.max_batch_size,
-        "validation_workers": 1,
+        "validation_workers": limits.validation_workers,
         "max_client_batch_size": 1,
         "router": "quantpress",
         "version": quantpress.__version__,
@@ -214,13 +220,19 @@ async def metrics(state: State) -> Response:
 
 async def tokenize(body: GenerateRequest, state: State) -> Response:
     """Each token with its character span in `inputs`; special tokens the tokenizer adds span nothing."""
-    tokenizer = state.tokenizer
-    if not getattr(tokenizer, "is_fast", False):
+    if not getattr(state.tokenizer, "is_fast", False):
         raise ApiError(404, "no fast tokenizer", "No fast tokenizer available")
+    return JSONResponse(await state.off_loop(token_spans, state.tokenizer, body, state.limits))
+
+
+def token_spans(tokenizer, body: GenerateRequest, limits: Limits) -> list[dict]:
+    """At most max_input_tokens, like any prompt: a 2 MB input would otherwise answer with 30 MB.
+    The length is checked before any span is made (half a million offset pairs are not)."""
     add_special = True if body.add_special_tokens is None else body.add_special_tokens
+    check_input_length(len(encode(tokenizer, body.inputs, add_special)), limits)
     encoding = tokenizer(body.inputs, add_special_tokens=add_special, return_offsets_mapping=True)
     tokens = []
     for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"]):
         text = body.inputs[start:stop] if stop > start else tokenizer.convert_ids_to_tokens(token_id)
         tokens.append({"id": token_id, "text": text, "start": start, "stop": stop})
-    return JSONResponse(tokens)
+    return tokens

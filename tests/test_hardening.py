@@ -303,3 +303,13 @@ def test_evaluate_validates_its_numbers(model):
         quantpress.evaluate(model, max_windows=0)
     with pytest.raises(ConfigError, match="seqlen"):
         quantpress.evaluate(model, seqlen=-5)
+
+
+def test_sampling_params_refuse_seeds_a_generator_cannot_take():
+    from quantpress.runtime.sampling import MAX_SEED, SamplingParams
+
+    assert SamplingParams(seed=MAX_SEED).seed == MAX_SEED
+    for seed in (-1, MAX_SEED + 1, 10**23):
+        with pytest.raises(ConfigError, match="seed"):
+            SamplingParams(seed=seed)
+

@@ -56,11 +56,7 @@ def evaluate(
     on_window=None,
 ) -> EvalResult:
     """Perplexity on a bundled set's evaluation split (wikitext-2 test) or any text file."""
-    if seqlen is not None and seqlen < 2:
-        raise ConfigError(f"seqlen must be at least 2 tokens, got {seqlen}")
-    if max_windows is not None and max_windows < 1:
-        raise ConfigError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
-    check_dataset(dataset)
+    _check_eval_args(dataset, seqlen, max_windows)
     loaded = _as_loaded(model)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.path} has no tokenizer; cannot tokenize the evaluation text")
@@ -72,6 +68,15 @@ def evaluate(
     windows = len(token_windows(ids, seqlen)[:max_windows])
     ppl = perplexity(loaded.model, ids, seqlen, batch_size=batch_size, max_windows=max_windows, on_window=on_window)
     return EvalResult(ppl, dataset, seqlen, windows, time.perf_counter() - started)
+
+
+def _check_eval_args(dataset: str, seqlen: int | None, max_windows: int | None) -> None:
+    """Before any model is loaded: the text exists and the window numbers make sense."""
+    if seqlen is not None and seqlen < 2:
+        raise ConfigError(f"seqlen must be at least 2 tokens, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
+    check_dataset(dataset)
 
 
 def generate(model: str | Path | LoadedModel, prompt: str, params: SamplingParams = SamplingParams()) -> Completion:
@@ -95,11 +100,7 @@ def compare(
     With `chat`, the evaluation text is rendered as conversations in the reference's own prompt
     format (its chat_template): consecutive paragraphs become a user turn and the assistant's
     answer, which is how a chat model is used, special tokens and all."""
-    if seqlen is not None and seqlen < 2:
-        raise ConfigError(f"seqlen must be at least 2 tokens, got {seqlen}")
-    if max_windows is not None and max_windows < 1:
-        raise ConfigError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
-    check_dataset(dataset)
+    _check_eval_args(dataset, seqlen, max_windows)
     ref, loaded = _as_loaded(reference), _as_loaded(model)
     if ref.tokenizer is None:
         raise CheckpointError(f"{ref.path} has no tokenizer; cannot tokenize the evaluation text")

@@ -17,13 +17,12 @@ from quantpress import api, prompts
 from quantpress.config import CalibrationConfig, ChatConfig, Method, QuantConfig, variant_name
 from quantpress.errors import QuantpressError
 from quantpress.formats.hf_folder import read_json
-from quantpress.runtime.sampling import SamplingParams
+from quantpress.runtime.sampling import MAX_SEED, SamplingParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Quantize LLMs into GPTQ checkpoints every loader reads; evaluate and run them.")
 console = Console(stderr=True)
 DEFAULT_Q, DEFAULT_C, DEFAULT_S = QuantConfig(), CalibrationConfig(), SamplingParams()
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a u64
 
 
 def _progress() -> Progress:

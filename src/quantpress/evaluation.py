@@ -38,9 +38,7 @@ def perplexity(
     on_window: Callable[[int, int], None] | None = None,
 ) -> float:
     """Perplexity of a causal LM (HF-style: `model(input_ids).logits`) on a 1-D token tensor."""
-    windows = token_windows(input_ids, seqlen)
-    if max_windows is not None:
-        windows = windows[:max_windows]
+    windows = token_windows(input_ids, seqlen)[:max_windows]
     total_nll = 0.0
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]  # (B, T)
@@ -81,9 +79,7 @@ def agreement(
     """KL divergence and top-1 agreement of `model` to `reference` on the same windows as
     `perplexity`. Unlike perplexity, which a quantized model can match while disagreeing token by
     token, these compare the two distributions directly: 0 and 1.0 mean identical predictions."""
-    windows = token_windows(input_ids, seqlen)
-    if max_windows is not None:
-        windows = windows[:max_windows]
+    windows = token_windows(input_ids, seqlen)[:max_windows]
     kl = agree = 0.0
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]  # (B, T)

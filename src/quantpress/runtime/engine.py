@@ -40,7 +40,7 @@ from quantpress.runtime.ragged import (
     install_ragged_attention,
     ragged_forward,
 )
-from quantpress.runtime.sampling import apply_repetition_penalty, check_finite, warp
+from quantpress.runtime.sampling import MAX_SEED, apply_repetition_penalty, check_finite, warp
 from quantpress.runtime.stream import Stream, TokenEvent
 
 __all__ = ["Engine", "EngineStats", "GenerationParams", "Stream", "TokenEvent"]
@@ -49,7 +49,6 @@ SHUTTING_DOWN = "server shutting down"
 PREFILL_CHUNK = 128  # prompt tokens per sequence per step
 MAX_STEP_ROWS = 256  # tokens per step: bounds the step time the decoding sequences wait for
 MAX_BATCH_SIZE = MAX_STEP_ROWS - PREFILL_CHUNK  # so one prompt chunk always fits beside the decode rows
-MAX_SEED = 2**64  # torch.Generator seeds are unsigned 64-bit, as TGI's
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class GenerationParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 < self.typical_p <= 1, f"typical_p must be in (0, 1], got {self.typical_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.seed is None or 0 <= self.seed < MAX_SEED, f"seed must be in [0, 2**64), got {self.seed}"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2**64), got {self.seed}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop}"),
         ]
         for ok, message in checks:

@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict, FiniteFloat
 
 from quantpress.errors import ConfigError
 from quantpress.runtime.engine import GenerationParams
+from quantpress.runtime.sampling import MAX_SEED
 from quantpress.server.errors import invalid
 from quantpress.server.settings import Limits
 
-MAX_SEED = 2**64 - 1  # TGI's seed is a u64
 
 
 class GenerateParameters(BaseModel):

@@ -33,7 +33,10 @@ VARIANTS: dict[str, dict] = {
     "static-act-order": {"act_order": True, "static_groups": True},
     "gar": {"group_aware": True},
     "damp-search": {"damp_search": True},
+    "upgrade-2pct": {"upgrade_budget": 0.02},
     "combo": {"group_aware": True, "mse": True, "mse_weighted": True, "damp_search": True},
+    "combo+upgrade": {"group_aware": True, "mse": True, "mse_weighted": True, "damp_search": True,
+                      "upgrade_budget": 0.02},
 }
 
 

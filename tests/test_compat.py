@@ -124,3 +124,11 @@ def test_tgi_rejects_what_neither_kernel_runs_and_asym():
 def test_transformers_and_gptqmodel_read_every_variant():
     for quant in (q(2), q(3), q(4, sym=False), q(8, -1)):
         assert compat.gptqmodel(quant).ok and compat.transformers(quant).ok
+
+
+def test_per_module_bits_are_for_gptqmodel_and_vllm_only():
+    shapes = {"model.layers.0.mlp.down_proj": (576, 1536)}
+    mixed = QuantConfig(bits=4, group_size=128, upgrade_budget=0.02)
+    assert compat.gptqmodel(mixed) and compat.vllm(mixed, shapes)
+    for verdict in (compat.exllama(mixed, shapes), compat.tgi(mixed, shapes), compat.transformers(mixed)):
+        assert not verdict and "dynamic" in verdict.reason

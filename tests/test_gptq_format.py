@@ -357,7 +357,7 @@ def test_quantize_config_dict_fields_and_order() -> None:
         "nsamples": 128, "seqlen": 2048,
         "meta": {
             "quantizer": ["quantpress:0.1.0"], "damp_percent": 0.01, "static_groups": True,
-            "true_sequential": True, "mse": False, "mse_weighted": False,
+            "true_sequential": True, "mse": False, "mse_weighted": False, "upgrade_budget": 0.0,
             "group_aware": False, "damp_search": False, "method": "gptq", "dataset": "wikitext2",
             "calibration_seed": 3, "calibration_dtype": "bfloat16", "hessian_inputs": "quantized",
             "prompt_template": None, "system_prompt": None,
@@ -502,7 +502,10 @@ REJECTIONS = [
     ("pack_dtype int16", {**GPTQMODEL_HEAD, "pack_dtype": "int16"}, r"pack_dtype 'int16' is not supported"),
     ("bits 5", {**AUTOGPTQ, "bits": 5}, r"bits must be one of \(2, 3, 4, 8\), found 5"),
     ("bits missing", {"quant_method": "gptq", "group_size": 128}, r"no 'bits'"),
-    ("dynamic", {**GPTQMODEL_HEAD, "dynamic": {"-:.*down_proj": {}}}, r"dynamic.*not supported yet"),
+    ("dynamic other override", {**GPTQMODEL_HEAD, "dynamic": {"+:.*down_proj": {"sym": False}}},
+     r"decodes per-module bits and group_size only"),
+    ("dynamic bad regex", {**GPTQMODEL_HEAD, "dynamic": {"+:(": {"bits": 8}}}, r"not a regular expression"),
+    ("dynamic bits 5", {**GPTQMODEL_HEAD, "dynamic": {"+:.*down_proj": {"bits": 5}}}, r"bits must be one of"),
     ("lm_head", {**GPTQMODEL_1_9, "lm_head": True}, r"lm_head.*not supported yet"),
     ("format conflict", {**AUTOGPTQ, "format": "gptq_v2"}, r"'checkpoint_format' is 'gptq' but .* 'format' is 'gptq_v2'"),
     ("group_size 0", {**AUTOGPTQ, "group_size": 0}, r"group_size must be -1 or a positive integer, found 0"),
@@ -526,3 +529,17 @@ def test_no_quantization_settings_at_all() -> None:
 def test_quantize_config_json_alone_is_also_checked() -> None:
     with pytest.raises(CheckpointError, match="lm_head"):
         read_format_info({}, {**AUTOGPTQ, "lm_head": True})
+
+
+def test_dynamic_overrides_follow_gptqmodel_first_match_semantics() -> None:
+    info = read_format_info({"quantization_config": {**GPTQMODEL_HEAD, "bits": 4, "group_size": 128, "dynamic": {
+        r"+:^model\.layers\.28\.mlp\.down_proj$": {"bits": 8},
+        r"+:.*\.mlp\.": {"group_size": 32},
+        r"-:.*lm_head": {},
+    }}}, None)
+    assert info.module_settings("model.layers.28.mlp.down_proj") == (8, 128)
+    assert info.module_settings("model.layers.2.mlp.down_proj") == (4, 32)  # the first match wins
+    assert info.module_settings("model.layers.2.self_attn.q_proj") == (4, 128)
+    with pytest.raises(CheckpointError, match="excludes it"):
+        info.module_settings("lm_head")
+

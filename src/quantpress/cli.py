@@ -69,6 +69,8 @@ def quantize(
                                      help="GAR: quantize groups by importance, trivial g_idx"),
     damp_search: bool = typer.Option(DEFAULT_Q.damp_search, "--damp-search/--no-damp-search",
                                      help="pick damp per module by output error"),
+    upgrade_budget: float = typer.Option(DEFAULT_Q.upgrade_budget, help="extra size (e.g. 0.02 = 2%) for storing "
+                                         "the worst modules at 8 bits (GPTQModel/vLLM `dynamic`)"),
     method: Method = typer.Option(DEFAULT_Q.method, help="gptq, or rtn (the baseline)"),
     dataset: str = typer.Option(DEFAULT_C.dataset, help="wikitext2, tinyshakespeare, or a text file"),
     nsamples: int = typer.Option(DEFAULT_C.nsamples, min=1),
@@ -87,7 +89,8 @@ def quantize(
     config = read_json(model_dir / "config.json")
     quant = QuantConfig(bits=bits, group_size=group_size, act_order=act_order, sym=sym, static_groups=static_groups,
                         true_sequential=true_sequential, damp_percent=damp, mse=mse, mse_weighted=mse_weighted,
-                        group_aware=group_aware, damp_search=damp_search, method=method)
+                        group_aware=group_aware, damp_search=damp_search, upgrade_budget=upgrade_budget,
+                        method=method)
     calibration = CalibrationConfig(dataset, nsamples, seqlen or api.default_seqlen(config), seed, compute_dtype)
     out_dir = out_dir or Path("quantpress-out") / f"{model_dir.name}-{variant_name(quant)}"
     chat = _chat_config(prompt_template, system_prompt)

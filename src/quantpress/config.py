@@ -42,6 +42,9 @@ class QuantConfig:
     # choose damp_percent per module from DAMP_GRID by the lowest output error on the calibration
     # data, tr((W - Q) H (W - Q)^T); damp_percent is then only the fallback for RTN-like failures
     damp_search: bool = False
+    # per-module precision (mixed_precision.py): extra bytes, as a fraction of the quantized
+    # Linear weights, spent on storing the modules with the worst output error at 8 bits
+    upgrade_budget: float = 0.0
     block_size: int = 128  # lazy-batch width of the GPTQ update
     method: Method = Method.GPTQ
 
@@ -58,6 +61,11 @@ class QuantConfig:
             object.__setattr__(self, "method", Method(self.method))
         if self.method is Method.RTN and (self.act_order or self.group_aware or self.damp_search):
             raise ConfigError("act_order, group_aware and damp_search use the Hessian, which RTN does not compute")
+        if not 0.0 <= self.upgrade_budget < 1.0:
+            raise ConfigError(f"upgrade_budget must be in [0, 1), got {self.upgrade_budget}")
+        if self.upgrade_budget and (self.method is Method.RTN or self.bits >= 8):
+            raise ConfigError("upgrade_budget stores some modules at 8 bits: it needs GPTQ (for the output "
+                              "errors) and bits below 8")
         if self.mse_weighted and not self.mse:
             raise ConfigError("mse_weighted weights the range search: it needs mse=True")
         if self.group_aware and (self.act_order or self.group_size == -1):

@@ -11,13 +11,14 @@ Modules of one group read the same tensor, so one Hessian serves the whole group
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from quantpress.config import Method, QuantConfig
 from quantpress.errors import HessianNotPositiveDefinite, NonFiniteError
+from quantpress.mixed_precision import UPGRADE_BITS
 from quantpress.models.arch import Architecture
 from quantpress.models.skeleton import return_freed_memory
 from quantpress.quant.gptq import (
@@ -25,6 +26,7 @@ from quantpress.quant.gptq import (
     HessianAccumulator,
     all_finite,
     gptq_quantize,
+    output_error,
 )
 from quantpress.quant.qweight import QuantizedWeight
 from quantpress.quant.rtn import rtn_quantize
@@ -47,6 +49,9 @@ class ModuleResult:
     bias: Tensor | None  # fp16, as stored (None when the Linear has no bias)
     loss: float  # GPTQ's summed squared error proxy (0 for RTN)
     damp_percent: float  # damping actually used (after any retries)
+    error: float = 0.0  # output error tr((W - Q) H (W - Q)^T), with an upgrade budget only
+    upgrade: QuantizedWeight | None = None  # the same module at UPGRADE_BITS (mixed_precision.py)
+    upgrade_error: float = 0.0
 
 
 def _run_until_stopped(fn: Callable[[], object]) -> None:
@@ -133,21 +138,29 @@ def collect_hessians(
     return {group: acc.H for group, acc in accumulators.items()}
 
 
-def quantize_module(linear: nn.Linear, W: Tensor, bias: Tensor | None, H: Tensor | None,
-                    quant: QuantConfig) -> tuple[QuantizedWeight, float, float]:
+def quantize_module(name: str, linear: nn.Linear, W: Tensor, bias: Tensor | None, H: Tensor | None,
+                    quant: QuantConfig) -> ModuleResult:
     """Quantize W (the source weight, full precision) and write its fake-quant version into
-    `linear` (which computes in the calibration dtype), so later passes see the quantized layer."""
+    `linear` (which computes in the calibration dtype), so later passes see the quantized layer.
+    With an upgrade budget the module is also solved at UPGRADE_BITS and both output errors are
+    kept for the choice after the last layer; later passes see the base-bit weights."""
     if quant.method is Method.RTN:
-        weight, loss, damp = rtn_quantize(W, quant), 0.0, 0.0
+        weight = rtn_quantize(W, quant)
+        result = ModuleResult(name, weight, bias, 0.0, 0.0)
         fake = weight.dequantize()
     else:
-        result: GPTQResult = gptq_quantize(W, H, quant)
-        weight, loss, damp, fake = result.weight, result.loss, result.damp_percent, result.fake
+        solved: GPTQResult = gptq_quantize(W, H, quant)
+        result = ModuleResult(name, solved.weight, bias, solved.loss, solved.damp_percent)
+        fake = solved.fake
+        if quant.upgrade_budget:
+            high = gptq_quantize(W, H, replace(quant, bits=UPGRADE_BITS, upgrade_budget=0.0))
+            result = replace(result, error=output_error(W, fake, H), upgrade=high.weight,
+                             upgrade_error=output_error(W, high.fake, H))
     linear.weight.data = fake.to(linear.weight.dtype)
     if bias is not None:
         # The checkpoint stores the bias in fp16; compute with exactly what will be loaded.
         linear.bias.data = bias.to(linear.bias.dtype)
-    return weight, loss, damp
+    return result
 
 
 @torch.no_grad()
@@ -193,10 +206,9 @@ def quantize_group(layer: nn.Module, group: tuple[str, ...], H: Tensor | None, q
         if linear.bias is not None:
             bias = (linear.bias.data if source is None else source[f"{name}.bias"]).half()
         try:
-            weight, loss, damp = quantize_module(linear, W, bias, H, quant)
+            results.append(quantize_module(name, linear, W, bias, H, quant))
         except (HessianNotPositiveDefinite, NonFiniteError) as e:
             raise type(e)(f"{where}.{name}: {e}") from None
-        results.append(ModuleResult(name, weight, bias, loss, damp))
         return_freed_memory()  # GPTQ's K x K work arrays (32 MB each for down_proj)
     return results
 

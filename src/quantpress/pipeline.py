@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -60,6 +60,7 @@ from quantpress.layerwise import (
     quantize_and_propagate,
     quantize_group,
 )
+from quantpress.mixed_precision import Candidate, choose_upgrades, dynamic_overrides
 from quantpress.models.arch import Architecture, architecture_for
 from quantpress.models.skeleton import (
     assign_weights,
@@ -81,6 +82,12 @@ class ModuleStat:
     name: str  # full module name, e.g. "model.layers.3.mlp.down_proj"
     loss: float
     damp_percent: float
+    # with an upgrade budget (mixed_precision.py): output errors at the base and upgrade bit
+    # widths, the module's packed bytes and what the upgrade would add
+    error: float = 0.0
+    upgrade_error: float = 0.0
+    base_bytes: int = 0
+    extra_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,7 @@ class QuantizeReport:
     num_layers: int
     resumed_layers: int  # layers taken from an interrupted run's staging folder
     modules: list[ModuleStat] = field(default_factory=list)
+    upgraded: list[str] = field(default_factory=list)  # modules stored at UPGRADE_BITS
 
 
 def checkpoint_format_for(quant: QuantConfig) -> CheckpointFormat:
@@ -255,14 +263,23 @@ def _finish(source, arch, config, job: _Job, calibration, max_shard_bytes: int, 
             progress: Progress | None) -> QuantizeReport:
     staging = job.staging
     stats = [ModuleStat(**m) for m in staging.state()["modules"]]
+    upgraded = _upgrades(stats, job.quant)
     if not staging.assembled:
         final = staging.begin_final()
-        _assemble(source, staging, final, arch, job.quant, calibration, max_shard_bytes, job.hessian_inputs, chat)
+        _assemble(source, staging, final, arch, job.quant, calibration, max_shard_bytes, job.hessian_inputs, chat,
+                  upgraded)
         atomic_write_json(final / "quantize_log.json", [asdict(m) for m in stats])
     staging.publish(None if progress is None else lambda step, total: progress("publish", step, total))
     size = sum(p.stat().st_size for p in job.out_dir.glob("*.safetensors"))
     return QuantizeReport(job.out_dir, job.quant, calibration, checkpoint_format_for(job.quant),
-                          time.perf_counter() - started, size, config.num_hidden_layers, job.done, stats)
+                          time.perf_counter() - started, size, config.num_hidden_layers, job.done, stats, upgraded)
+
+
+def _upgrades(stats: list[ModuleStat], quant: QuantConfig) -> list[str]:
+    if not quant.upgrade_budget:
+        return []
+    return choose_upgrades([Candidate(m.name, m.error, m.upgrade_error, m.base_bytes, m.extra_bytes) for m in stats],
+                           quant.upgrade_budget)
 
 
 def _check_uniform_attention(config) -> None:
@@ -317,6 +334,10 @@ def _fingerprint(source: ModelFolder, quant: QuantConfig, calibration: Calibrati
 
 def _layer_file(staging: Staging, index: int) -> Path:
     return staging.pieces / f"layer-{index:05d}.safetensors"
+
+
+def _upgrade_file(staging: Staging, index: int) -> Path:
+    return staging.pieces / f"upgrade-{index:05d}.safetensors"
 
 
 def _quantize_layers(source, arch, config, quant, calibration, examples, staging, done, batch_size, progress) -> None:
@@ -397,17 +418,27 @@ def _stage_layer(staging: Staging, index: int, prefix: str, state: dict, results
     """Write one finished layer: packed GPTQ tensors plus its other tensors (norms) unchanged."""
     quantized = {r.name for r in results}
     tensors = {prefix + k: v for k, v in state.items() if k.rpartition(".")[0] not in quantized}
+    upgrades = {}  # the same tensor names at UPGRADE_BITS, in a file of their own
+    stats = []
     for r in results:
-        for suffix, tensor in to_gptq_tensors(r.weight, fmt).items():
-            tensors[f"{prefix}{r.name}.{suffix}"] = tensor
+        packed = to_gptq_tensors(r.weight, fmt)
+        tensors |= {f"{prefix}{r.name}.{suffix}": tensor for suffix, tensor in packed.items()}
         if r.bias is not None:
             tensors[f"{prefix}{r.name}.bias"] = r.bias
+        stat = ModuleStat(prefix + r.name, r.loss, r.damp_percent)
+        if r.upgrade is not None:
+            high = to_gptq_tensors(r.upgrade, fmt)
+            upgrades |= {f"{prefix}{r.name}.{suffix}": tensor for suffix, tensor in high.items()}
+            base_bytes = sum(t.nbytes for t in packed.values())
+            stat = replace(stat, error=r.error, upgrade_error=r.upgrade_error, base_bytes=base_bytes,
+                           extra_bytes=sum(t.nbytes for t in high.values()) - base_bytes)
+        stats.append(asdict(stat))
+    if upgrades:
+        atomic_save_tensors(_upgrade_file(staging, index), upgrades)
     atomic_save_tensors(_layer_file(staging, index), tensors)
-    # The layer file is complete on disk before the manifest counts it: a kill between the two
-    # just redoes this layer.
-    modules = staging.state()["modules"] + [asdict(ModuleStat(prefix + r.name, r.loss, r.damp_percent))
-                                            for r in results]
-    staging.update(layers_done=index + 1, modules=modules)
+    # The layer's files are complete on disk before the manifest counts it: a kill between the
+    # two just redoes this layer.
+    staging.update(layers_done=index + 1, modules=staging.state()["modules"] + stats)
 
 
 def _load_staged_into(layer, file: Path, prefix: str, arch: Architecture, quant: QuantConfig) -> None:
@@ -425,27 +456,38 @@ def _load_staged_into(layer, file: Path, prefix: str, arch: Architecture, quant:
 
 
 def _assemble(source, staging: Staging, final: Path, arch, quant, calibration, max_shard_bytes,
-              hessian_inputs: str, chat: ChatConfig) -> None:
+              hessian_inputs: str, chat: ChatConfig, upgraded: list[str]) -> None:
     """Final weight files + configs in `final`, from the staged layers and the source."""
     staged = TensorFiles(sorted(staging.pieces.glob("layer-*.safetensors")))
-    _write_weights(source, staged, arch, quant, final, max_shard_bytes)
+    upgrades = TensorFiles(sorted(staging.pieces.glob("upgrade-*.safetensors"))) if upgraded else None
+    _write_weights(source, staged, upgrades, set(upgraded), arch, quant, final, max_shard_bytes)
     fmt = checkpoint_format_for(quant)
     qconfig = quantize_config_dict(quant, calibration, fmt, tool_version=__version__,
                                    model_name_or_path=source.config.get("_name_or_path"),
-                                   hessian_inputs=hessian_inputs if calibration is not None else None, chat=chat)
+                                   hessian_inputs=hessian_inputs if calibration is not None else None, chat=chat,
+                                   dynamic=dynamic_overrides(upgraded))
     atomic_write_json(final / "quantize_config.json", qconfig)
     atomic_write_json(final / "config.json", {**source.config, "quantization_config": qconfig})
     copy_side_files(source.path, final)
 
 
-def _write_weights(source: ModelFolder, staged: TensorFiles, arch, quant, staging, max_shard_bytes) -> None:
-    """Tensors outside the layers come from the source, layer tensors from the staged files."""
+def _write_weights(source: ModelFolder, staged: TensorFiles, upgrades: TensorFiles | None, upgraded: set[str],
+                   arch, quant, staging, max_shard_bytes) -> None:
+    """Tensors outside the layers come from the source, layer tensors from the staged files, and
+    the packed tensors of upgraded modules from the upgrade files."""
     outside = [n for n in source.names() if not n.startswith(arch.layers + ".")]
+
+    def files_of(name: str) -> TensorFiles:
+        module, _, suffix = name.rpartition(".")
+        if module in upgraded and suffix in ("qweight", "qzeros", "scales", "g_idx"):
+            return upgrades
+        return staged if name in staged.file_of else source
+
     entries = [source.entry(n) for n in outside]
-    entries += [staged.entry(n) for n in staged.names()]  # staged files are in layer order
+    entries += [files_of(n).entry(n) for n in staged.names()]  # staged files are in layer order
 
     def load(name: str) -> Tensor:
-        return staged.get(name) if name in staged.file_of else source.get(name)
+        return files_of(name).get(name)
 
     metadata = {"format": "pt", "quantizer": f"quantpress:{__version__}", "bits": str(quant.bits),
                 "group_size": str(quant.group_size), "checkpoint_format": checkpoint_format_for(quant).value}

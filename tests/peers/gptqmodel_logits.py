@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("input_ids")
     p.add_argument("out")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--native", action="store_true",
+                   help="load with GPTQModel.load (reads per-module `dynamic`), not transformers")
     return p.parse_args(argv)
 
 
@@ -52,6 +54,14 @@ def load_quantized(gptq_dir: str, dtype: torch.dtype):  # -> PreTrainedModel
     return model.eval()
 
 
+def load_native(gptq_dir: str, dtype: torch.dtype):  # -> PreTrainedModel
+    """GPTQModel's own loader: the path that honours per-module `dynamic` overrides (transformers'
+    GPTQConfig has no `dynamic` and refuses such a folder with a size mismatch)."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    return GPTQModel.load(gptq_dir, backend=BACKEND.TORCH, device="cpu", dtype=dtype).model.eval()
+
+
 def quant_module_facts(model: torch.nn.Module) -> dict[str, str]:
     """Which kernel class ran and in which dtypes, recorded next to the logits."""
     kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
@@ -64,7 +74,7 @@ def quant_module_facts(model: torch.nn.Module) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    model = load_quantized(args.gptq_dir, dtype)
+    model = (load_native if args.native else load_quantized)(args.gptq_dir, dtype)
     ids = load_file(args.input_ids)["input_ids"]
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=False)

@@ -127,10 +127,13 @@ def gptqmodel_quantize(python: str, src: Path, out: Path, spec: FixtureSpec, cal
     return json.loads(line) if line else {}
 
 
-def gptqmodel_logits(python: str, gptq_dir: Path, ids: Path, out: Path) -> dict[str, str]:
-    """Logits of `gptq_dir` through transformers+GPTQModel into `out`; returns the run's facts
-    (kernel, forward/dequant dtypes, versions) that the script prints as JSON."""
-    line = run_peer(python, "gptqmodel_logits.py", [str(gptq_dir), str(ids), str(out), "--dtype", "float32"])
+def gptqmodel_logits(python: str, gptq_dir: Path, ids: Path, out: Path, *, native: bool = False) -> dict[str, str]:
+    """Logits of `gptq_dir` through transformers+GPTQModel (or GPTQModel.load, `native`) into
+    `out`; returns the run's facts (kernel, forward/dequant dtypes, versions) the script prints."""
+    # GPTQModel's own TorchLinear runs in fp16/bf16 only; through transformers it runs in fp32
+    dtype = "float16" if native else "float32"
+    line = run_peer(python, "gptqmodel_logits.py", [str(gptq_dir), str(ids), str(out), "--dtype", dtype,
+                                                    *(["--native"] if native else [])])
     return json.loads(line)
 
 

@@ -41,6 +41,8 @@ class Compat:
 
 
 _YES = Compat(True)
+# Loaders that ignore GPTQModel's per-module `dynamic` would decode 8-bit modules as base-bit ones.
+_NO_DYNAMIC = "per-module bits (`dynamic`, upgrade_budget > 0) are read only by GPTQModel and vLLM"
 
 
 def _first_failure(checks: Iterable[Compat]) -> Compat:
@@ -102,6 +104,7 @@ def exllama(quant: QuantConfig, shapes: Shapes) -> Compat:
     return _first_failure((
         # q_matrix.cu handles GPTQ as 4-bit rows only (`rows_4 = height`); pitfall D7
         _require(quant.bits == 4, f"ExLlama kernels are 4-bit only, this is {quant.bits}-bit"),
+        _require(not quant.upgrade_budget, _NO_DYNAMIC),
         _k_divisible_by_group(quant, shapes),
         _each_module(shapes, shape_rules),
         # sym and asym both load: EX2 reads gptq_v2 qzeros with an offset (checkpoint_offset_qzeros)
@@ -163,6 +166,8 @@ def transformers(quant: QuantConfig) -> Compat:
     """transformers/optimum: GPTQ loads through the gptqmodel backend (AutoGPTQ is end-of-life),
     so the rules are GPTQModel's; asym files are gptq_v2, which only that backend reads (D1)."""
     backend = gptqmodel(quant)
+    if backend and quant.upgrade_budget:  # its GPTQConfig has no `dynamic`: a size mismatch at load
+        return Compat(False, _NO_DYNAMIC + " (load with GPTQModel.load)")
     return Compat(True, "needs optimum + gptqmodel") if backend else backend
 
 
@@ -180,6 +185,8 @@ def tgi(quant: QuantConfig, shapes: Shapes) -> Compat:
     # is wrong for the gptq_v2 files quantpress writes for asym variants.
     if not quant.sym:
         return Compat(False, "TGI reads qzeros as v1 (`gptq`); asym checkpoints are gptq_v2")
+    if quant.upgrade_budget:
+        return Compat(False, _NO_DYNAMIC)
     # vLLM's Marlin shape rule is a subset of TGI's `_check_valid_shape`, so a Yes here holds there
     if marlin(quant, shapes):
         return Compat(True, "Marlin")  # on CUDA capability >= 8.0, like vLLM's

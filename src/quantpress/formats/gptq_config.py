@@ -12,6 +12,7 @@ config.json's `quantization_config` wins over quantize_config.json key by key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
@@ -39,6 +40,19 @@ class GPTQFormatInfo:
     checkpoint_format: CheckpointFormat
     lm_head: bool = False
     modules_in_block_to_quantize: list[list[str]] | None = None
+    # GPTQModel's per-module overrides: "+:regex" -> {"bits", "group_size"}, "-:regex" -> not
+    # quantized; the first matching pattern wins (GPTQModel dynamic_get, vLLM get_dynamic_override)
+    dynamic: dict[str, dict[str, int]] | None = None
+
+    def module_settings(self, name: str) -> tuple[int, int]:
+        """(bits, group_size) of the quantized module `name` ("model.layers.3.mlp.down_proj")."""
+        for pattern, overrides in (self.dynamic or {}).items():
+            if pattern.startswith("-:"):
+                if re.match(pattern.removeprefix("-:"), name):
+                    raise CheckpointError(f"{name} holds GPTQ tensors but `dynamic` excludes it ({pattern})")
+            elif re.match(pattern.removeprefix("+:"), name):
+                return overrides.get("bits", self.bits), overrides.get("group_size", self.group_size)
+        return self.bits, self.group_size
 
 
 def quantize_config_dict(
@@ -50,6 +64,7 @@ def quantize_config_dict(
     model_name_or_path: str | None = None,
     hessian_inputs: str | None = "quantized",
     chat: ChatConfig = ChatConfig(),
+    dynamic: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The dict written as quantize_config.json and as config.json["quantization_config"].
 
@@ -58,7 +73,7 @@ def quantize_config_dict(
     """
     fmt = CheckpointFormat(fmt)
     dataset = None if calibration is None else PurePath(calibration.dataset).name
-    return {
+    config = {
         # AutoGPTQ BaseQuantizeConfig.to_dict() keys, in its order
         "bits": int(quant.bits),
         "group_size": int(quant.group_size),
@@ -88,6 +103,7 @@ def quantize_config_dict(
             "true_sequential": bool(quant.true_sequential),
             "mse": bool(quant.mse),
             "mse_weighted": bool(quant.mse_weighted),
+            "upgrade_budget": float(quant.upgrade_budget),
             "group_aware": bool(quant.group_aware),
             "damp_search": bool(quant.damp_search),
             "method": quant.method.value,
@@ -103,6 +119,11 @@ def quantize_config_dict(
             "system_prompt": chat.system_prompt,
         },
     }
+    if dynamic:
+        # GPTQModel's per-module overrides, read by GPTQModel and vLLM (mixed_precision.py); only
+        # written when used, as GPTQModel does, so every other loader sees the plain config
+        config = {"bits": config["bits"], "dynamic": dynamic, **config}
+    return config
 
 
 def read_format_info(config: dict, quantize_config: dict | None) -> GPTQFormatInfo:
@@ -132,7 +153,6 @@ def read_format_info(config: dict, quantize_config: dict | None) -> GPTQFormatIn
     _check_quant_method(merged.get("quant_method"))
     checkpoint_format = _checkpoint_format(merged.get("checkpoint_format"))
     _check_pack_dtype(merged.get("pack_dtype"))
-    _check_no_dynamic(merged.get("dynamic"))
     lm_head = _bool(merged, "lm_head", False)
     if lm_head:
         raise CheckpointError("a quantized lm_head (lm_head: true) is not supported yet")
@@ -144,6 +164,7 @@ def read_format_info(config: dict, quantize_config: dict | None) -> GPTQFormatIn
         checkpoint_format=checkpoint_format,
         lm_head=lm_head,
         modules_in_block_to_quantize=_modules_in_block(merged.get("modules_in_block_to_quantize")),
+        dynamic=_dynamic(merged.get("dynamic")),
     )
 
 
@@ -213,15 +234,26 @@ def _check_pack_dtype(value: Any) -> None:
     )
 
 
-def _check_no_dynamic(value: Any) -> None:
+_DYNAMIC_KEYS = ("bits", "group_size")  # the per-module overrides quantpress can decode
+
+
+def _dynamic(value: Any) -> dict[str, dict[str, int]] | None:
+    """GPTQModel's `dynamic`, checked: valid patterns, and only bits/group_size overrides."""
     if value is None or value == {}:
-        return
+        return None
     if not isinstance(value, dict):
         raise CheckpointError(f"dynamic must be an object of per-module overrides, found {value!r}")
-    raise CheckpointError(
-        f"per-module overrides (dynamic: {sorted(value)}) are not supported yet; quantpress "
-        "reads checkpoints with one bits/group_size for every module"
-    )
+    for pattern, overrides in value.items():
+        try:
+            re.compile(str(pattern).removeprefix("+:").removeprefix("-:"))
+        except re.error as e:
+            raise CheckpointError(f"dynamic pattern {pattern!r} is not a regular expression: {e}") from None
+        if not isinstance(overrides, dict) or set(overrides) - set(_DYNAMIC_KEYS):
+            raise CheckpointError(f"dynamic override {pattern!r}: {overrides!r}; quantpress decodes per-module "
+                                  f"{' and '.join(_DYNAMIC_KEYS)} only")
+        _bits({"bits": overrides.get("bits", 4)})
+        _group_size({"group_size": overrides.get("group_size", 128)})
+    return value
 
 
 def _bits(merged: dict[str, Any]) -> int:

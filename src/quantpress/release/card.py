@@ -178,7 +178,8 @@ def _levers(quant: QuantConfig) -> list[str]:
     """The quality options beyond TheBloke's columns, as the card's Levers cell names them."""
     named = [(quant.static_groups, "static groups"), (quant.group_aware, "group-aware order"),
              (quant.mse and not quant.mse_weighted, "MSE range"), (quant.mse_weighted, "weighted MSE range"),
-             (quant.damp_search, "damp search")]
+             (quant.damp_search, "damp search"),
+             (quant.upgrade_budget > 0, f"8-bit outlier modules (+{quant.upgrade_budget:.0%} budget)")]
     return [name for on, name in named if on]
 
 

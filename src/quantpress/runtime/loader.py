@@ -57,7 +57,8 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, tokenizer: boo
         quantized = sorted({n.rpartition(".")[0] for n in state if n.endswith(".qweight")})
         if not quantized:
             raise CheckpointError(f"{folder.path} declares GPTQ quantization but holds no qweight tensors")
-        swap_linears(model, quantized, info.bits, info.group_size, info.checkpoint_format)
+        for name in quantized:  # per module: `dynamic` may store some at other bits
+            swap_linears(model, [name], *info.module_settings(name), info.checkpoint_format)
         _fill_default_g_idx(model, state, quantized, info)
     tied = _tied_keys(model)
     assign_weights(model, state, str(folder.path), allow_missing=tied)
@@ -75,7 +76,8 @@ def _fill_default_g_idx(model: nn.Module, state: dict, names: list[str], info: G
         key = f"{name}.g_idx"
         if key not in state:
             k = model.get_submodule(name).in_features
-            gs = k if info.group_size == -1 else info.group_size
+            group_size = info.module_settings(name)[1]
+            gs = k if group_size == -1 else group_size
             state[key] = (torch.arange(k) // gs).to(torch.int32)
 
 

@@ -35,8 +35,11 @@ VARIANTS: dict[str, dict] = {
     "damp-search": {"damp_search": True},
     "upgrade-2pct": {"upgrade_budget": 0.02},
     "combo": {"group_aware": True, "mse": True, "mse_weighted": True, "damp_search": True},
-    "combo+upgrade": {"group_aware": True, "mse": True, "mse_weighted": True, "damp_search": True,
-                      "upgrade_budget": 0.02},
+    # static act-order measured better than GAR alone on SmolLM2 4-bit (+21.1% vs +25.7%)
+    "combo-static": {"act_order": True, "static_groups": True, "mse": True, "mse_weighted": True,
+                     "damp_search": True},
+    "combo-static+upgrade": {"act_order": True, "static_groups": True, "mse": True, "mse_weighted": True,
+                             "damp_search": True, "upgrade_budget": 0.02},
 }
 
 

@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=40)
     parser.add_argument("--kl-windows", type=int, default=20)
     parser.add_argument("--section", default=None, help="write the table into BENCHMARKS.md under this name")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="only draw perplexity vs size from every result recorded so far into this PNG")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -105,6 +107,8 @@ def main() -> None:
 
     model, work = smollm2_dir(), cache_dir() / "levers"
     work.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        return plot(work / "results.jsonl", args.plot)
     me = [sys.executable, __file__]
     shape = ["--seqlen", str(args.seqlen), "--nsamples", str(args.nsamples), "--seed", str(args.seed),
              "--ppl-windows", str(args.ppl_windows), "--kl-windows", str(args.kl_windows)]
@@ -118,6 +122,10 @@ def main() -> None:
         out = work / f"{name}-{args.bits}b-g{args.group_size}-seed{args.seed}"
         q = run_child([*me, *shape, "--child", "quantize", str(model), str(out), examples, json.dumps(fields)])
         e = run_child([*me, *shape, "--child", "eval", str(out), str(model)]).result
+        record(work / "results.jsonl", {"variant": name, "bits": args.bits, "group_size": args.group_size,
+                                        "seed": args.seed, "fp_perplexity": fp["perplexity"], **e,
+                                        "size_bytes": q.result["size_bytes"], "seconds": q.result["seconds"],
+                                        "peak_rss_mib": q.peak_rss_mib})
         rows.append([name, f"{e['perplexity']:.2f}", f"{e['perplexity'] / fp['perplexity'] - 1:+.1%}",
                      f"{e['kl']:.4f}", f"{e['top1']:.1%}", f"{q.result['size_bytes'] / 2**20:.0f}",
                      f"{q.result['seconds']:.0f}", f"{q.peak_rss_mib:.0f}"])
@@ -131,6 +139,36 @@ def main() -> None:
     print(body)
     if args.section:
         write_section(args.section, body)
+
+
+def record(path: Path, result: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+def plot(results: Path, png: Path) -> None:
+    """Perplexity against size on disk, one marker per variant and bit width: the Pareto view."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in sorted({r["variant"] for r in rows}):
+        points = sorted((r["size_bytes"] / 2**20, r["perplexity"], r["bits"]) for r in rows if r["variant"] == variant)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=variant)
+        for size, ppl, bits in points:
+            ax.annotate(f"{bits}b", (size, ppl), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(rows[0]["fp_perplexity"], color="gray", linestyle="--", label="full precision")
+    ax.set_yscale("log")
+    ax.set_xlabel("weights on disk (MiB)")
+    ax.set_ylabel("wikitext-2 perplexity (log)")
+    ax.set_title("SmolLM2-135M-Instruct: perplexity vs size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(png)
 
 
 def run_as_child(args) -> None:

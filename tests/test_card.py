@@ -32,7 +32,8 @@ from quantpress.release.results import Baseline, VariantResult
 
 FILES_HEADER = ["Branch", "Bits", "GS", "Act Order", "Damp %", "Levers", "GPTQ Dataset", "Seq Len", "Size", "ExLlama",
                 "Marlin / vLLM", "Desc"]
-QUALITY_HEADER = ["Branch", "Bits", "GS", "Act Order", "wikitext-2 perplexity", "Δ vs full precision", "Size"]
+QUALITY_HEADER = ["Branch", "Bits", "GS", "Act Order", "wikitext-2 perplexity", "Δ vs full precision",
+                  "KL to full precision", "Top-1 agreement", "Size"]
 SHAPES = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096), "mlp.down_proj": (4096, 14336)}
 NAME = 'Mistral 7B: "Instruct" it\'s v0.1'
 
@@ -130,13 +131,20 @@ def test_provided_files_table_matches_the_results(data):
 def test_perplexity_table_deltas_come_from_the_numbers(data):
     header, rows = table(render_card(data), "| Branch | Bits | GS | Act Order | wikitext-2 perplexity")
     assert header == QUALITY_HEADER
-    assert rows[0] == ["full precision", "—", "—", "—", "10.000", "—", "14.48 GB"]
+    assert rows[0] == ["full precision", "—", "—", "—", "10.000", "—", "0", "100%", "14.48 GB"]
     base = data.baseline.perplexity
     for row, v in zip(rows[1:], data.variants, strict=True):
         assert row[0] == f"`{v.branch}`"
         assert float(row[4]) == pytest.approx(v.perplexity, abs=5e-4)
         assert row[5] == f"{(v.perplexity - base) / base * 100:+.2f}%"
+        assert row[6:8] == ["—", "—"]  # records from before KL was measured
     assert [r[5] for r in rows[1:]] == ["+0.06%", "-0.10%", "+7.50%"]
+
+
+def test_kl_and_top1_come_from_the_records(data):
+    measured = replace(data.variants[0], kl_divergence=0.01234, top1=0.9876)
+    _, rows = table(render_card(replace(data, variants=(measured,))), "| Branch | Bits | GS | Act Order | wikitext-2 perplexity")
+    assert rows[1][6:8] == ["0.0123", "98.8%"]
 
 
 def test_card_states_eval_and_calibration_protocol(data):

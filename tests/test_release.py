@@ -155,6 +155,10 @@ def test_card_tables_match_the_files_on_each_branch(released, tmp_path):
         loaded = quantpress.load(checkout(released, branch, tmp_path / branch))
         ppl = quantpress.evaluate(loaded, "wikitext2", max_windows=EVAL_WINDOWS).perplexity
         assert quality[branch]["wikitext-2 perplexity"] == f"{ppl:.3f}"
+        # ... and so are its KL and top-1 agreement to the full-precision source
+        agreement = quantpress.api.compare(loaded, quantpress.bundled_model_dir(), max_windows=EVAL_WINDOWS)
+        assert quality[branch]["KL to full precision"] == f"{agreement.kl_divergence:.4f}"
+        assert quality[branch]["Top-1 agreement"] == f"{agreement.top1:.1%}"
     assert "small \\| pipe in text" in provided["gptq-3bit-32g-actorder_True"]["Desc"]
     assert "![Perplexity vs size](perplexity-vs-size.png)" in card
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from torch import Tensor
 
 from quantpress import __version__
-from quantpress.api import default_seqlen, evaluate
+from quantpress.api import compare, default_seqlen, evaluate, load
 from quantpress.calibration import calibration_examples
 from quantpress.config import CalibrationConfig, ChatConfig
 from quantpress.formats.hf_folder import ModelFolder, atomic_write_json, load_tokenizer
@@ -108,7 +108,7 @@ def release(
     for v in todo:  # one variant at a time: at most one unpublished variant folder on disk
         if not _quantized(repo, v.branch, fingerprints[v.branch]):
             _quantize_one(model_dir, repo, v, examples[v.calibration], fingerprints[v.branch], chat, batch_size, progress)
-        result = _measure(repo, v, fingerprints[v.branch], shared_calibration, evaluation, progress)
+        result = _measure(repo, v, fingerprints[v.branch], shared_calibration, evaluation, source.path, progress)
         _commit_model(repo, v.branch, result)
 
     results = [read_result(_result_file(repo, v.branch)) for v in recipe.variants]
@@ -216,23 +216,26 @@ def _mark_quantized(repo: ReleaseRepo, branch: str, fingerprint: str, seconds: f
                       {"fingerprint": fingerprint, "seconds": seconds, "resumed_layers": resumed_layers})
 
 
-def _measure(repo, variant: Variant, fingerprint: str, shared: bool, evaluation: EvalSettings,
+def _measure(repo, variant: Variant, fingerprint: str, shared: bool, evaluation: EvalSettings, reference: Path,
              progress) -> VariantResult:
-    """Perplexity and size of a quantized variant folder (reused when already on record)."""
+    """Perplexity, agreement with `reference` (the full-precision source) and size of a quantized
+    variant folder (reused when already on record)."""
     stored = read_result(_result_file(repo, variant.branch))
     if stored is not None and stored.fingerprint == fingerprint:
         return stored
     folder = _variant_dir(repo, variant.branch)
     if progress is not None:
         progress("evaluate", variant.branch, 0, 1)
-    result = evaluate(folder, evaluation.dataset, None, max_windows=evaluation.max_windows)
+    loaded = load(folder)
+    result = evaluate(loaded, evaluation.dataset, None, max_windows=evaluation.max_windows)
+    agreement = compare(loaded, reference, evaluation.dataset, result.seqlen, max_windows=evaluation.max_windows)
     done = json.loads(_done_file(repo, variant.branch).read_text())
     quant = replace(variant.quant, true_sequential=False) if shared else variant.quant
     measured = VariantResult(
         branch=variant.branch, quant=quant, calibration=variant.calibration, description=variant.description,
         hessian_inputs=_hessian_inputs(shared), size_bytes=sum(p.stat().st_size for p in folder.glob("*.safetensors")),
         perplexity=result.perplexity, quantize_seconds=done["seconds"], eval_seconds=result.seconds,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, kl_divergence=agreement.kl_divergence, top1=agreement.top1,
     )
     write_result(_result_file(repo, variant.branch), measured)
     return measured

@@ -191,6 +191,8 @@ def _quality_row(v: VariantResult, baseline: Baseline) -> dict[str, str]:
         "act_order": yes_no(v.quant.act_order),
         "ppl": format_ppl(v.perplexity),
         "delta": format_delta(v.perplexity, baseline.perplexity),
+        "kl": "—" if v.kl_divergence is None else f"{v.kl_divergence:.4f}",
+        "top1": "—" if v.top1 is None else f"{v.top1:.1%}",
         "size": human_size(v.size_bytes),
     }
 

@@ -38,6 +38,10 @@ class VariantResult:
     quantize_seconds: float
     eval_seconds: float
     fingerprint: str  # sha256 of everything the variant depends on; a mismatch means redo it
+    # agreement with the full-precision model on the eval text in its chat format (api.compare);
+    # None in records written before it was measured
+    kl_divergence: float | None = None
+    top1: float | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -82,8 +82,8 @@ class Staging:
 
     def recover(self) -> None:
         """Finish what a killed run left behind before this run looks at `out`: after step 3 the
-        output is complete and only the staging folder is left to remove; after step 2 without
-        3 under changed settings the replaced output goes back where it was."""
+        output is complete and only the staging folder is left to remove. (A kill between steps 2
+        and 3 is finished by `publish`, or undone by `discard` when the settings changed.)"""
         if not self.manifest.is_file():
             return
         if self.state().get("assembled") and not self.final.exists() and self.out.exists():

@@ -350,7 +350,9 @@ def test_quantize_config_dict_fields_and_order() -> None:
     d = quantize_config_dict(quant, calib, V1, tool_version="0.1.0", model_name_or_path="org/llama")
     assert list(d)[: len(AG_KEY_ORDER)] == AG_KEY_ORDER
     assert d == {
-        "bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": True, "static_groups": True,
+        # act-order with static groups stores every column in its natural group (trivial g_idx):
+        # loaders must not apply act-order, so desc_act is False; meta records how it was quantized
+        "bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": False, "static_groups": True,
         "sym": True, "true_sequential": True, "model_name_or_path": "org/llama",
         "model_file_base_name": "model", "quant_method": "gptq", "checkpoint_format": "gptq",
         "format": "gptq", "lm_head": False, "pack_dtype": "int32", "dataset": "wikitext2",
@@ -358,13 +360,16 @@ def test_quantize_config_dict_fields_and_order() -> None:
         "meta": {
             "quantizer": ["quantpress:0.1.0"], "damp_percent": 0.01, "static_groups": True,
             "true_sequential": True, "mse": False, "mse_weighted": False, "upgrade_budget": 0.0,
-            "group_aware": False, "damp_search": False, "method": "gptq", "dataset": "wikitext2",
+            "group_aware": False, "damp_search": False, "act_order": True, "method": "gptq",
+            "signround_iters": None, "signround_lr": None, "dataset": "wikitext2",
             "calibration_seed": 3, "calibration_dtype": "bfloat16", "hessian_inputs": "quantized",
             "prompt_template": None, "system_prompt": None,
         },
     }
     assert json.loads(json.dumps(d)) == d  # plain JSON types only (no enums, no tensors)
     assert type(d["checkpoint_format"]) is str
+    dynamic = quantize_config_dict(QuantConfig(bits=4, group_size=128, act_order=True), calib, V1, tool_version="0.1.0")
+    assert dynamic["desc_act"] is True and dynamic["meta"]["act_order"] is True  # g_idx permuted: loaders must know
 
 
 def test_rtn_config_has_null_calibration_and_gptq_quant_method() -> None:
@@ -409,7 +414,7 @@ def test_transformers_gptqconfig_accepts_our_dict() -> None:
 def test_config_round_trip(quant: QuantConfig) -> None:
     fmt = V1 if quant.sym else V2
     d = json.loads(json.dumps(quantize_config_dict(quant, CalibrationConfig(), fmt, tool_version="0.1.0")))
-    expected = GPTQFormatInfo(quant.bits, quant.group_size, quant.act_order, quant.sym, fmt, False, None)
+    expected = GPTQFormatInfo(quant.bits, quant.group_size, quant.desc_act, quant.sym, fmt, False, None)
     assert read_format_info({"quantization_config": d}, d) == expected
     assert read_format_info({"quantization_config": d}, None) == expected
     assert read_format_info({"model_type": "llama"}, d) == expected

@@ -71,7 +71,9 @@ def quantize(
                                      help="pick damp per module by output error"),
     upgrade_budget: float = typer.Option(DEFAULT_Q.upgrade_budget, help="extra size (e.g. 0.02 = 2%) for storing "
                                          "the worst modules at 8 bits (GPTQModel/vLLM `dynamic`)"),
-    method: Method = typer.Option(DEFAULT_Q.method, help="gptq, or rtn (the baseline)"),
+    method: Method = typer.Option(DEFAULT_Q.method, help="gptq; signround (GPTQ, then SignRound per layer: "
+                                  "slower, best at 2-3 bits); or rtn (the baseline)"),
+    signround_iters: int = typer.Option(DEFAULT_Q.signround_iters, min=1, help="SignRound steps per layer"),
     dataset: str = typer.Option(DEFAULT_C.dataset, help="wikitext2, tinyshakespeare, or a text file"),
     nsamples: int = typer.Option(DEFAULT_C.nsamples, min=1),
     seqlen: Optional[int] = typer.Option(None, min=2, help="default: min(2048, the model's context)"),
@@ -90,7 +92,7 @@ def quantize(
     quant = QuantConfig(bits=bits, group_size=group_size, act_order=act_order, sym=sym, static_groups=static_groups,
                         true_sequential=true_sequential, damp_percent=damp, mse=mse, mse_weighted=mse_weighted,
                         group_aware=group_aware, damp_search=damp_search, upgrade_budget=upgrade_budget,
-                        method=method)
+                        method=method, signround_iters=signround_iters)
     calibration = CalibrationConfig(dataset, nsamples, seqlen or api.default_seqlen(config), seed, compute_dtype)
     out_dir = out_dir or Path("quantpress-out") / f"{model_dir.name}-{variant_name(quant)}"
     chat = _chat_config(prompt_template, system_prompt)
@@ -104,7 +106,7 @@ def quantize(
             if stage == "layer":  # the publish steps after the last layer are renames: no bar
                 bar.update(task, completed=done, total=total)
 
-        report = api.quantize(model_dir, out_dir, quant, calibration if method is Method.GPTQ else None,
+        report = api.quantize(model_dir, out_dir, quant, calibration if quant.calibrated else None,
                               overwrite=overwrite, chat=chat, progress=show)
     after = _eval_with_bar(out_dir, "wikitext2", None, "quantized", eval_windows) if evaluate else None
 

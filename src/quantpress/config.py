@@ -18,6 +18,9 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 class Method(str, Enum):
     GPTQ = "gptq"
     RTN = "rtn"  # round-to-nearest with the same quantizer: the baseline GPTQ must beat
+    # GPTQ, then each decoder layer's rounding and ranges tuned by SignRound against the
+    # full-precision model's outputs (quant/signround.py): slower, best at 2-3 bits
+    SIGNROUND = "signround"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,21 @@ class QuantConfig:
     upgrade_budget: float = 0.0
     block_size: int = 128  # lazy-batch width of the GPTQ update
     method: Method = Method.GPTQ
+    signround_iters: int = 200  # SignRound steps per decoder layer (AutoRound's default)
+    signround_lr: float = 0.0  # SignRound's first step size; 0: 1 / signround_iters
+
+    @property
+    def desc_act(self) -> bool:
+        """Whether loaders must apply act-order (the checkpoint's `desc_act`): only when groups were
+        formed in permuted order. Static act-order stores each column in its natural group, so
+        g_idx is the trivial k // group_size and the file is a plain GPTQ checkpoint for every
+        loader and kernel (TGI's ExLlama path included)."""
+        return self.act_order and not self.static_groups
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method reads calibration data (everything but RTN)."""
+        return self.method is not Method.RTN
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -66,6 +84,11 @@ class QuantConfig:
         if self.upgrade_budget and (self.method is Method.RTN or self.bits >= 8):
             raise ConfigError("upgrade_budget stores some modules at 8 bits: it needs GPTQ (for the output "
                               "errors) and bits below 8")
+        if self.signround_iters <= 0 or not 0.0 <= self.signround_lr < 1.0:
+            raise ConfigError(f"signround_iters must be positive and signround_lr in [0, 1), got "
+                              f"{self.signround_iters} and {self.signround_lr}")
+        if self.method is Method.SIGNROUND and self.act_order and not self.static_groups:
+            raise ConfigError("SignRound tunes contiguous groups: act_order needs static_groups=True with it")
         if self.mse_weighted and not self.mse:
             raise ConfigError("mse_weighted weights the range search: it needs mse=True")
         if self.group_aware and (self.act_order or self.group_size == -1):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from quantpress.config import Method, QuantConfig
 from quantpress.errors import HessianNotPositiveDefinite, NonFiniteError
@@ -30,6 +31,7 @@ from quantpress.quant.gptq import (
 )
 from quantpress.quant.qweight import QuantizedWeight
 from quantpress.quant.rtn import rtn_quantize
+from quantpress.quant.signround import RoundingState, SignRoundSettings, signround
 
 
 class _StopForward(Exception):
@@ -40,6 +42,12 @@ class _StopForward(Exception):
 class LayerInputs:
     hidden: Tensor  # [n, T, hidden] the calibration activations entering the current layer
     kwargs: dict  # attention mask, position embeddings, ... exactly as the model passes them
+    # [n, T, hidden] what enters the same layer in the full-precision model: SignRound's targets
+    # are this layer's full-precision outputs (None for the other methods, which need no copy)
+    reference: Tensor | None = None
+
+    def with_reference(self) -> LayerInputs:
+        return replace(self, reference=self.hidden.clone())
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,7 @@ def quantize_layer(
     for stage in stages:
         hessians = (
             collect_hessians(layer, stage, inputs, batch_size)
-            if quant.method is Method.GPTQ
+            if quant.calibrated
             else dict.fromkeys(stage)
         )
         for group in stage:
@@ -227,7 +235,17 @@ def quantize_and_propagate(
 ) -> list[ModuleResult]:
     """Quantize one decoder layer and, with `propagate`, leave the quantized layer's output in
     `inputs.hidden` for the next layer. True-sequential GPTQ on a layer the table describes as
-    residual blocks takes the blockwise path; everything else re-runs the opaque layer."""
+    residual blocks takes the blockwise path; everything else re-runs the opaque layer.
+    SignRound first advances the full-precision stream (its targets), then refines GPTQ's result."""
+    if quant.method is Method.SIGNROUND:
+        if source is None:  # GPTQ overwrites the layer's weights; SignRound needs the originals
+            source = {f"{name}.weight": layer.get_submodule(name).weight.data.clone() for name in arch.quantized_modules}
+        forward_layer_(layer, LayerInputs(inputs.reference, inputs.kwargs), batch_size)  # still full precision
+        results = quantize_layer(layer, arch, inputs, quant, batch_size=batch_size, where=where, source=source)
+        results = refine_layer(layer, results, inputs, quant, source)
+        if propagate:
+            forward_layer_(layer, inputs, batch_size)
+        return results
     if inputs is not None and quant.method is Method.GPTQ and quant.true_sequential and arch.blocks is not None:
         return quantize_layer_blockwise(layer, arch, inputs, quant, batch_size=batch_size, where=where, source=source)
     results = quantize_layer(layer, arch, inputs, quant, batch_size=batch_size, where=where, source=source)
@@ -285,6 +303,35 @@ def quantize_layer_blockwise(
             xb.add_(y)  # == the layer's `residual + hidden_states`, written over the input
         del cache
     return results
+
+
+def refine_layer(layer: nn.Module, results: list[ModuleResult], inputs: LayerInputs, quant: QuantConfig,
+                 source: Mapping[str, Tensor]) -> list[ModuleResult]:
+    """SignRound over the whole layer, from GPTQ's `results`: inputs.hidden are the quantized
+    model's activations entering the layer, inputs.reference the full-precision layer's outputs.
+    Writes the refined fake-quant weights into the layer's Linears."""
+    states = {r.name: RoundingState(source[f"{r.name}.weight"], r.weight, quant.group_size, quant.sym)
+              for r in results}
+    frozen = [p for p in layer.parameters() if p.requires_grad]
+    for p in frozen:  # only the rounding is learned; no gradients for norms and biases
+        p.requires_grad_(False)
+
+    def layer_fn(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+        out = functional_call(layer, {f"{name}.weight": w for name, w in weights.items()}, (x,), inputs.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    try:
+        signround(layer_fn, states, inputs.hidden, inputs.reference,
+                  SignRoundSettings(iters=quant.signround_iters, lr=quant.signround_lr))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    refined = []
+    for r in results:
+        weight, linear = states[r.name].weight(), layer.get_submodule(r.name)
+        linear.weight.data = weight.dequantize().to(linear.weight.dtype)
+        refined.append(replace(r, weight=weight))
+    return refined
 
 
 def _call_mixer(mixer: nn.Module, h: Tensor, kwargs: dict) -> Tensor:

@@ -130,8 +130,8 @@ def quantize(
     recorded in quantize_config.json for chat/serve.
     """
     started = time.perf_counter()
-    if quant.method is Method.GPTQ and calibration is None:
-        raise ConfigError("GPTQ needs a calibration config (only RTN runs without data)")
+    if quant.calibrated and calibration is None:
+        raise ConfigError(f"{quant.method.value} needs a calibration config (only RTN runs without data)")
     if quant.method is Method.RTN:
         calibration = examples = None  # RTN reads no data; nothing about data goes in its config
     job = _Job(resolved(out_dir), quant)
@@ -149,7 +149,7 @@ def preflight(model_dir: str | Path, out_dir: str | Path, quant: QuantConfig = Q
               calibration: CalibrationConfig | None = CalibrationConfig(), *, overwrite: bool = False) -> None:
     """Run every check `quantize` runs before its first forward pass, and nothing else: callers
     with work of their own before quantizing (the CLI's full-precision evaluation) call it first."""
-    _preflight(model_dir, [_Job(resolved(out_dir), quant)], calibration if quant.method is Method.GPTQ else None,
+    _preflight(model_dir, [_Job(resolved(out_dir), quant)], calibration if quant.calibrated else None,
                None, overwrite=overwrite)
 
 
@@ -348,10 +348,12 @@ def _quantize_layers(source, arch, config, quant, calibration, examples, staging
     base = model.get_submodule(arch.layers.rpartition(".")[0])
     layers = model.get_submodule(arch.layers)
     inputs: LayerInputs | None = None
-    if quant.method is Method.GPTQ:
+    if quant.calibrated:
         embed = base.get_input_embeddings()
         assign_weights(embed, {"weight": source.get(_embed_key(model, embed))}, "embed_tokens")
         inputs = capture_layer_inputs(base, layers, examples)
+        if quant.method is Method.SIGNROUND:
+            inputs = inputs.with_reference()
         release(embed)
 
     total = len(layers)
@@ -362,6 +364,8 @@ def _quantize_layers(source, arch, config, quant, calibration, examples, staging
         last = i + 1 == total  # its output feeds nothing
         if i < done:  # staged by an interrupted run: restore its quantized weights, skip the work
             if inputs is not None:
+                if inputs.reference is not None:  # the full-precision stream passes the fp layer
+                    forward_layer_(layer, replace(inputs, hidden=inputs.reference), batch_size)
                 _load_staged_into(layer, _layer_file(staging, i), prefix, arch, quant)
                 if not last:
                     forward_layer_(layer, inputs, batch_size)

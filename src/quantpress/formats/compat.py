@@ -97,7 +97,7 @@ def exllama(quant: QuantConfig, shapes: Shapes) -> Compat:
             _require(n % 32 == 0, f"{name}: out_features {n} is not a multiple of 32"),
             _ex2_group_rule(quant, name, k),
             # make_sequential keeps the act-order permutation in uint16 (spec A5)
-            _require(not quant.act_order or k <= EX2_MAX_ACT_ORDER_K,
+            _require(not quant.desc_act or k <= EX2_MAX_ACT_ORDER_K,
                      f"{name}: act-order needs in_features <= {EX2_MAX_ACT_ORDER_K}, got {k}"),
         ))
 
@@ -175,7 +175,7 @@ def tgi_exllama(quant: QuantConfig, shapes: Shapes) -> Compat:
     """TGI's ExLlama path: `bits == 4 and not desc_act` (spec A8, TGI), plus the kernel's own rules."""
     return _first_failure((
         exllama(quant, shapes),
-        _require(not quant.act_order, "TGI uses ExLlama only without act-order (desc_act)"),
+        _require(not quant.desc_act, "TGI uses ExLlama only without act-order (desc_act)"),
     ))
 
 

@@ -78,7 +78,7 @@ def quantize_config_dict(
         "bits": int(quant.bits),
         "group_size": int(quant.group_size),
         "damp_percent": float(quant.damp_percent),
-        "desc_act": bool(quant.act_order),
+        "desc_act": quant.desc_act,  # act-order with static groups needs none at load time
         "static_groups": bool(quant.static_groups),
         "sym": bool(quant.sym),
         "true_sequential": bool(quant.true_sequential),
@@ -106,7 +106,11 @@ def quantize_config_dict(
             "upgrade_budget": float(quant.upgrade_budget),
             "group_aware": bool(quant.group_aware),
             "damp_search": bool(quant.damp_search),
+            # act-order as quantized (desc_act above says what loaders must apply: none when static)
+            "act_order": bool(quant.act_order),
             "method": quant.method.value,
+            "signround_iters": int(quant.signround_iters) if quant.method.value == "signround" else None,
+            "signround_lr": float(quant.signround_lr) if quant.method.value == "signround" else None,
             # only the file name of a local text file: never publish a local path
             "dataset": dataset,
             "calibration_seed": None if calibration is None else int(calibration.seed),

@@ -179,6 +179,7 @@ def _levers(quant: QuantConfig) -> list[str]:
     named = [(quant.static_groups, "static groups"), (quant.group_aware, "group-aware order"),
              (quant.mse and not quant.mse_weighted, "MSE range"), (quant.mse_weighted, "weighted MSE range"),
              (quant.damp_search, "damp search"),
+             (quant.method is Method.SIGNROUND, f"SignRound ({quant.signround_iters} steps/layer)"),
              (quant.upgrade_budget > 0, f"8-bit outlier modules (+{quant.upgrade_budget:.0%} budget)")]
     return [name for on, name in named if on]
 

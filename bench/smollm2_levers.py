@@ -1,8 +1,14 @@
 """Issue 12's quality levers on SmolLM2-135M-Instruct, each alone and combined, against full
-precision and RTN, from identical calibration windows.
+precision, RTN and the peers, from identical calibration windows.
 
     python bench/smollm2_levers.py --bits 4 --group-size 128                  # every variant
     python bench/smollm2_levers.py --variants gptq gar combo --section levers-4bit
+    python bench/smollm2_levers.py --variants --peers "GPTQModel defaults" AutoRound
+
+Peers run in their own virtualenvs (bench/peers/README.md), found through
+QUANTPRESS_PEER_GPTQMODEL_PYTHON, QUANTPRESS_PEER_LLMCOMPRESSOR_PYTHON and
+QUANTPRESS_PEER_AUTOROUND_PYTHON; each gets the same calibration tensor file and is judged by
+the same evaluation child as quantpress (llm-compressor through its dense fp32 export).
 
 Protocol (issue 12): calibration 128 x 512 tokens of wikitext-2 valid (seed 0), sym, damp 0.1
 unless the lever changes it; wikitext-2 test perplexity on the first 40 non-overlapping
@@ -21,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, machine, run_child, table, write_section
+from _common import REPO, command_line, machine, run_child, table, write_section
 from real_model import cache_dir, smollm2_dir
 
 # name -> QuantConfig fields on top of the base setting (bits/group size from the command line)
@@ -40,7 +46,30 @@ VARIANTS: dict[str, dict] = {
                      "damp_search": True},
     "combo-static+upgrade": {"act_order": True, "static_groups": True, "mse": True, "mse_weighted": True,
                              "damp_search": True, "upgrade_budget": 0.02},
+    # GPTQ with the combination, then SignRound per layer against the full-precision outputs
+    "signround": {"method": "signround", "act_order": True, "static_groups": True, "mse": True,
+                  "mse_weighted": True, "damp_search": True},
+    "signround+upgrade": {"method": "signround", "act_order": True, "static_groups": True, "mse": True,
+                          "mse_weighted": True, "damp_search": True, "upgrade_budget": 0.02},
+    # 50 steps per layer: the cost of AutoRound's `light` recipe, for a like-for-like row
+    "signround-50": {"method": "signround", "act_order": True, "static_groups": True, "mse": True,
+                     "mse_weighted": True, "damp_search": True, "signround_iters": 50},
 }
+
+# name -> (tool, runner flags beyond bits / group size / sym / examples / dtype)
+PEERS: dict[str, tuple[str, list[str]]] = {
+    "GPTQModel classic": ("gptqmodel", ["--no-desc-act", "--damp", "0.1"]),
+    "GPTQModel defaults": ("gptqmodel", ["--own-defaults"]),
+    # static act-order + importance-weighted range search, llm-compressor's own damping (0.01)
+    "llm-compressor static+imatrix": ("llmcompressor", ["--desc-act", "--observer", "imatrix_mse", "--damp", "0.01"]),
+    "AutoRound": ("autoround", ["--recipe", "default"]),
+    "AutoRound best": ("autoround", ["--recipe", "best"]),
+    "AutoRound light": ("autoround", ["--recipe", "light"]),
+}
+RUNNERS = {"gptqmodel": "tests/peers/gptqmodel_quantize.py", "llmcompressor": "bench/peers/llmcompressor_quantize.py",
+           "autoround": "bench/peers/autoround_quantize.py"}
+PYTHONS = {"gptqmodel": "QUANTPRESS_PEER_GPTQMODEL_PYTHON", "llmcompressor": "QUANTPRESS_PEER_LLMCOMPRESSOR_PYTHON",
+           "autoround": "QUANTPRESS_PEER_AUTOROUND_PYTHON"}
 
 
 def child_prepare(model: Path, work: Path, seed: int, nsamples: int, seqlen: int) -> None:
@@ -91,7 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--peers", nargs="*", default=[], choices=list(PEERS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -126,9 +156,29 @@ def main() -> None:
                                         "seed": args.seed, "fp_perplexity": fp["perplexity"], **e,
                                         "size_bytes": q.result["size_bytes"], "seconds": q.result["seconds"],
                                         "peak_rss_mib": q.peak_rss_mib})
-        rows.append([name, f"{e['perplexity']:.2f}", f"{e['perplexity'] / fp['perplexity'] - 1:+.1%}",
-                     f"{e['kl']:.4f}", f"{e['top1']:.1%}", f"{q.result['size_bytes'] / 2**20:.0f}",
-                     f"{q.result['seconds']:.0f}", f"{q.peak_rss_mib:.0f}"])
+        rows.append(row(name, fp, e, q.result["size_bytes"], q.result["seconds"], q.peak_rss_mib))
+        print(rows[-1], flush=True)
+    for name in args.peers:
+        tool, flags = PEERS[name]
+        python = os.environ.get(PYTHONS[tool])
+        if not python:
+            raise SystemExit(f"{name}: set {PYTHONS[tool]} to the python of its virtualenv (bench/peers/README.md)")
+        out = work / f"{name.replace(' ', '_')}-{args.bits}b-g{args.group_size}-seed{args.seed}"
+        judged = out.with_name(out.name + "-dense") if tool == "llmcompressor" else out
+        extra = ["--dense-out", str(judged)] if tool == "llmcompressor" else []
+        q = run_child([python, str(REPO / RUNNERS[tool]), str(model), str(out), "--bits", str(args.bits),
+                       "--group-size", str(args.group_size), "--sym", "--examples", examples, "--dtype", "bfloat16",
+                       *flags, *extra], cwd=work,
+                      env={"GPTQMODEL_CPU_WORKERS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))})
+        e = run_child([*me, *shape, "--child", "eval", str(judged), str(model)]).result
+        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        # peak RSS: the runner's VmHWM (its own image; ru_maxrss would include the venv's launcher)
+        rss = q.result.get("vm_hwm_mib") or q.peak_rss_mib
+        record(work / "results.jsonl", {"variant": name, "bits": args.bits, "group_size": args.group_size,
+                                        "seed": args.seed, "fp_perplexity": fp["perplexity"], **e, "size_bytes": size,
+                                        "seconds": q.result["quantize_seconds"], "peak_rss_mib": rss,
+                                        "peer": q.result})
+        rows.append(row(name, fp, e, size, q.result["quantize_seconds"], rss))
         print(rows[-1], flush=True)
     body = (f"`{command_line()}`\n\n{machine()}. SmolLM2-135M-Instruct, {args.bits}-bit g{args.group_size} sym; "
             f"calibration {args.nsamples} × {args.seqlen} wikitext-2 valid tokens, seed {args.seed}; perplexity on "
@@ -139,6 +189,11 @@ def main() -> None:
     print(body)
     if args.section:
         write_section(args.section, body)
+
+
+def row(name: str, fp: dict, e: dict, size: int, seconds: float, rss: float) -> list[str]:
+    return [name, f"{e['perplexity']:.2f}", f"{e['perplexity'] / fp['perplexity'] - 1:+.1%}", f"{e['kl']:.4f}",
+            f"{e['top1']:.1%}", f"{size / 2**20:.0f}", f"{seconds:.0f}", f"{rss:.0f}"]
 
 
 def record(path: Path, result: dict) -> None:

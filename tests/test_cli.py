@@ -40,7 +40,10 @@ def test_quantize_eval_generate_on_a_folder(tmp_path, tiny_llama):
     assert json.loads((out / "quantize_config.json").read_text())["meta"]["prompt_template"] == "vicuna"
     assert "2/2" in result.stderr  # the per-layer progress bar reached both layers
     config = json.loads((out / "quantize_config.json").read_text())
-    assert (config["bits"], config["group_size"], config["desc_act"], config["nsamples"], config["seqlen"]) == (3, 64, True, 4, 32)
+    assert (config["bits"], config["group_size"], config["desc_act"], config["nsamples"], config["seqlen"]) == (3, 64, False, 4, 32)
+    # options left open took the recommended levers; act-order with static groups needs no desc_act
+    meta = config["meta"]
+    assert (meta["act_order"], meta["static_groups"], meta["mse_weighted"], meta["damp_search"]) == (True,) * 4
 
     result = run("eval", out, "--dataset", text, "--seqlen", "64")
     assert result.returncode == 0, result.stderr
@@ -68,5 +71,5 @@ def test_readme_main_command_on_the_bundled_model(tmp_path):
     after = float(re.search(r"ppl after\s+│\s+([\d.]+)", result.stdout).group(1))
     # 4-bit g128 barely moves a small model's perplexity (on 8 windows it may even improve it).
     assert abs(after / before - 1) < 0.02
-    assert (tmp_path / "quantpress-out" / "tiny-llama-gptq-4bit-128g-actorder_False" / "model.safetensors").exists()
+    assert (tmp_path / "quantpress-out" / "tiny-llama-gptq-4bit-128g-actorder_True" / "model.safetensors").exists()
     shutil.rmtree(tmp_path / "quantpress-out")

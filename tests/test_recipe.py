@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from quantpress.config import CalibrationConfig, QuantConfig
+from quantpress.config import RECOMMENDED_LEVERS, CalibrationConfig, QuantConfig, recommended
 from quantpress.errors import ConfigError
 from quantpress.release.recipe import ModelInfo, default_recipe, load_recipe, parse_recipe
 
@@ -20,8 +20,21 @@ def test_default_recipe_is_thebloke_set():
         "gptq-3bit-32g-actorder_True", "gptq-8bit--1g-actorder_True", "gptq-8bit-128g-actorder_True"]
     main = recipe.main
     assert (main.quant.bits, main.quant.group_size, main.quant.act_order) == (4, -1, True)
-    assert all(v.quant.act_order and v.quant.damp_percent == 0.1 for v in recipe.variants)
+    # every branch carries the recommended levers: static act-order, weighted range search, damp search
+    assert all(v.quant == recommended(bits=v.quant.bits, group_size=v.quant.group_size) for v in recipe.variants)
+    assert all(v.quant.static_groups and v.quant.mse_weighted and v.quant.damp_search for v in recipe.variants)
     assert {v.calibration for v in recipe.variants} == {CalibrationConfig(dataset="wikitext2", seqlen=512)}
+
+
+def test_recommended_fills_only_what_is_left_open():
+    assert recommended() == QuantConfig(**RECOMMENDED_LEVERS)
+    assert recommended(method="rtn") == QuantConfig(method="rtn")  # no Hessian, no levers
+    assert recommended(group_aware=True) == QuantConfig(group_aware=True, mse=True, mse_weighted=True,
+                                                        damp_search=True)
+    assert recommended(mse=False) == QuantConfig(act_order=True, static_groups=True, damp_search=True)
+    assert recommended(act_order=None, damp_search=False).damp_search is False
+    with pytest.raises(ConfigError, match="static_groups"):
+        recommended(method="signround", static_groups=False)  # SignRound needs contiguous groups
 
 
 def test_yaml_defaults_apply_and_variants_override(tmp_path):
@@ -37,10 +50,11 @@ variants:
     recipe = load_recipe(path, seqlen_default=512)
     main, second, third = recipe.variants
     assert main.branch == "main" and main.description == "rec"
-    assert main.quant == QuantConfig(bits=4, group_size=128, act_order=True)
+    assert main.quant == QuantConfig(bits=4, group_size=128, **RECOMMENDED_LEVERS)  # open settings: recommended
     assert main.calibration == CalibrationConfig(dataset="tinyshakespeare", nsamples=16, seqlen=512)
     assert second.branch == "gptq-3bit-32g-actorder_False"
     assert second.quant.damp_percent == 0.05 and second.calibration.seqlen == 128
+    assert not second.quant.act_order and second.quant.static_groups  # an explicit choice wins, the rest stay
     assert third.branch == "gptq-3bit-32g-wiki" and third.calibration.dataset == "wikitext2"
     assert recipe.model.prompt_template == "vicuna"
 
@@ -94,7 +108,7 @@ MODEL_YAML = "model: {name: M, creator: c, original_model: org/m}\n"
     # an int is a number (then range-checked by QuantConfig), a bool is not
     ("variants: [{main: true, damp_percent: 1}]", "variants[0]: damp_percent must be in (0, 1), got 1.0"),
     ("variants: [{main: true, damp_percent: false}]", "variants[0].damp_percent: expected a number, got false"),
-    ("variants: [{main: true, method: awq}]", "variants[0].method: expected one of 'gptq', 'rtn', got 'awq'"),
+    ("variants: [{main: true, method: awq}]", "variants[0].method: expected one of 'gptq', 'rtn', 'signround', got 'awq'"),
     ("variants: [{main: 'yes'}]", "variants[0].main: expected true or false, got 'yes'"),
     ("variants: [{main: true, desc: 5}]", "variants[0].desc: expected a string, got 5"),
     ("variants: [true]", "variants[0]: expected a mapping, got true"),
@@ -133,7 +147,7 @@ variants:
 """)
     main, rtn = load_recipe(path, seqlen_default=512).variants
     assert main.quant == QuantConfig(bits=4, group_size=32, act_order=False, sym=False, damp_percent=0.05,
-                                     static_groups=True)
+                                     static_groups=True, mse=True, mse_weighted=True, damp_search=True)
     assert rtn.quant.method.value == "rtn" and rtn.quant.damp_percent == 0.5
     assert rtn.branch == "rtn-8bit--1g-actorder_False-asym"
 

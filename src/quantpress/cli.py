@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from quantpress import api, prompts
-from quantpress.config import CalibrationConfig, ChatConfig, Method, QuantConfig, variant_name
+from quantpress.config import CalibrationConfig, ChatConfig, Method, QuantConfig, recommended, variant_name
 from quantpress.errors import QuantpressError
 from quantpress.formats.hf_folder import read_json
 from quantpress.runtime.sampling import MAX_SEED, SamplingParams
@@ -22,7 +22,7 @@ from quantpress.runtime.sampling import MAX_SEED, SamplingParams
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Quantize LLMs into GPTQ checkpoints every loader reads; evaluate and run them.")
 console = Console(stderr=True)
-DEFAULT_Q, DEFAULT_C, DEFAULT_S = QuantConfig(), CalibrationConfig(), SamplingParams()
+DEFAULT_Q, DEFAULT_C, DEFAULT_S = QuantConfig(), CalibrationConfig(), SamplingParams()  # plain fields' defaults
 
 
 def _progress() -> Progress:
@@ -57,17 +57,20 @@ def quantize(
     out_dir: Annotated[Optional[Path], typer.Argument(help="Output folder (default: quantpress-out/<model>-<variant>)")] = None,
     bits: int = typer.Option(DEFAULT_Q.bits, help="2, 3, 4 or 8"),
     group_size: int = typer.Option(DEFAULT_Q.group_size, help="-1 for one group per row"),
-    act_order: bool = typer.Option(DEFAULT_Q.act_order, "--act-order/--no-act-order", help="desc_act"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
+                                             help="quantize columns by importance (recommended: on, static)"),
     sym: bool = typer.Option(DEFAULT_Q.sym, "--sym/--asym"),
-    static_groups: bool = typer.Option(DEFAULT_Q.static_groups, "--static-groups/--no-static-groups"),
+    static_groups: Optional[bool] = typer.Option(None, "--static-groups/--no-static-groups",
+                                                 help="group grids from the original weight; with act-order: "
+                                                      "a plain, trivial-g_idx checkpoint (recommended: on)"),
     true_sequential: bool = typer.Option(DEFAULT_Q.true_sequential, "--true-sequential/--no-true-sequential"),
     damp: float = typer.Option(DEFAULT_Q.damp_percent, help="damp_percent"),
-    mse: bool = typer.Option(DEFAULT_Q.mse, "--mse/--no-mse", help="search the clipping range"),
-    mse_weighted: bool = typer.Option(DEFAULT_Q.mse_weighted, "--mse-weighted/--no-mse-weighted",
+    mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="search the clipping range (recommended: on)"),
+    mse_weighted: Optional[bool] = typer.Option(None, "--mse-weighted/--no-mse-weighted",
                                       help="weight the range search by each input's mean square (needs --mse)"),
-    group_aware: bool = typer.Option(DEFAULT_Q.group_aware, "--group-aware/--no-group-aware",
+    group_aware: Optional[bool] = typer.Option(None, "--group-aware/--no-group-aware",
                                      help="GAR: quantize groups by importance, trivial g_idx"),
-    damp_search: bool = typer.Option(DEFAULT_Q.damp_search, "--damp-search/--no-damp-search",
+    damp_search: Optional[bool] = typer.Option(None, "--damp-search/--no-damp-search",
                                      help="pick damp per module by output error"),
     upgrade_budget: float = typer.Option(DEFAULT_Q.upgrade_budget, help="extra size (e.g. 0.02 = 2%) for storing "
                                          "the worst modules at 8 bits (GPTQModel/vLLM `dynamic`)"),
@@ -89,7 +92,8 @@ def quantize(
     """Quantize a model folder into a GPTQ checkpoint (runs the bundled model when no folder is given)."""
     model_dir = model_dir or api.bundled_model_dir()
     config = read_json(model_dir / "config.json")
-    quant = QuantConfig(bits=bits, group_size=group_size, act_order=act_order, sym=sym, static_groups=static_groups,
+    # options left unset take the recommended levers (config.recommended); RTN gets none
+    quant = recommended(bits=bits, group_size=group_size, act_order=act_order, sym=sym, static_groups=static_groups,
                         true_sequential=true_sequential, damp_percent=damp, mse=mse, mse_weighted=mse_weighted,
                         group_aware=group_aware, damp_search=damp_search, upgrade_budget=upgrade_budget,
                         method=method, signround_iters=signround_iters)

@@ -95,6 +95,30 @@ class QuantConfig:
             raise ConfigError("group_aware reorders whole groups: it needs a group size and excludes act_order")
 
 
+# The levers that won on SmolLM2-135M (BENCHMARKS.md §7, 4-bit g128: GPTQ +39.5% perplexity over
+# full precision, these +8.9%): act-order with static groups, the range search weighted by each
+# input's mean square, damping chosen per module. All three are free at inference: the files are
+# plain GPTQ checkpoints with a trivial g_idx that every loader and kernel reads at full speed.
+RECOMMENDED_LEVERS = {"act_order": True, "static_groups": True, "mse": True, "mse_weighted": True,
+                      "damp_search": True}
+
+
+def recommended(**settings) -> QuantConfig:
+    """A QuantConfig with the recommended levers wherever `settings` leave a choice open (absent or
+    None): what `quantpress quantize`, `quantpress.quantize()` and release recipes use by default.
+    RTN has no Hessian and gets none of them; asking for group_aware replaces act-order, and
+    mse=False takes the weighted range search with it."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    levers = dict(RECOMMENDED_LEVERS)
+    if Method(given.get("method", Method.GPTQ)) is Method.RTN:
+        levers = {}
+    if given.get("group_aware"):
+        levers = {k: v for k, v in levers.items() if k not in ("act_order", "static_groups")}
+    if given.get("mse") is False:
+        levers.pop("mse_weighted", None)
+    return QuantConfig(**{**levers, **given})
+
+
 COMPUTE_DTYPES = ("bfloat16", "float32")  # fp16 is left out: its CPU matmuls are ~50x slower
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from quantpress import __version__
 from quantpress.calibration import calibration_examples
-from quantpress.config import CalibrationConfig, ChatConfig, Method, QuantConfig, variant_name
+from quantpress.config import CalibrationConfig, ChatConfig, Method, QuantConfig, recommended, variant_name
 from quantpress.datasets import check_dataset
 from quantpress.errors import CheckpointError, ConfigError, UnsupportedArchitecture
 from quantpress.formats.gptq_config import quantize_config_dict
@@ -113,7 +113,7 @@ def checkpoint_format_for(quant: QuantConfig) -> CheckpointFormat:
 def quantize(
     model_dir: str | Path,
     out_dir: str | Path,
-    quant: QuantConfig = QuantConfig(),
+    quant: QuantConfig | None = None,
     calibration: CalibrationConfig | None = CalibrationConfig(),
     *,
     examples: Tensor | None = None,
@@ -127,9 +127,10 @@ def quantize(
 
     `examples` ([n, seqlen] int64) replaces sampling from `calibration.dataset`, e.g. to give two
     tools identical windows. RTN needs no calibration; pass `calibration=None` for it. `chat` is
-    recorded in quantize_config.json for chat/serve.
+    recorded in quantize_config.json for chat/serve. `quant=None` is `config.recommended()`.
     """
     started = time.perf_counter()
+    quant = quant or recommended()
     if quant.calibrated and calibration is None:
         raise ConfigError(f"{quant.method.value} needs a calibration config (only RTN runs without data)")
     if quant.method is Method.RTN:
@@ -145,10 +146,11 @@ def quantize(
     return _finish(source, arch, config, job, calibration, max_shard_bytes, started, chat, progress)
 
 
-def preflight(model_dir: str | Path, out_dir: str | Path, quant: QuantConfig = QuantConfig(),
+def preflight(model_dir: str | Path, out_dir: str | Path, quant: QuantConfig | None = None,
               calibration: CalibrationConfig | None = CalibrationConfig(), *, overwrite: bool = False) -> None:
     """Run every check `quantize` runs before its first forward pass, and nothing else: callers
     with work of their own before quantizing (the CLI's full-precision evaluation) call it first."""
+    quant = quant or recommended()
     _preflight(model_dir, [_Job(resolved(out_dir), quant)], calibration if quant.calibrated else None,
                None, overwrite=overwrite)
 

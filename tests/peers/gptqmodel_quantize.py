@@ -44,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("out_dir")
     p.add_argument("--bits", type=int, required=True, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, required=True)
-    p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, required=True)
+    p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--own-defaults", action="store_true",
+                   help="GPTQModel's own defaults for everything but bits/group size/sym/format (act-order, "
+                        "GAR, damp, fallback): the settings a new user gets; the JSON line reports them")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--asym", dest="sym", action="store_false")
     p.add_argument("--format", choices=["gptq", "gptq_v2"], default="gptq")
@@ -52,12 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Off (the classic algorithm) unless asked: the benches turn it on to match llm-compressor,
     # which always takes group grids from the pre-GPTQ weight (see bench/peers/README.md).
     p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False)
+    # Off unless asked (the interop fixtures pin classic GPTQ); GPTQModel's own default is on.
+    p.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--examples", required=True, help="safetensors file with int64 input_ids [n, seqlen]")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype GPTQModel loads the source in (fp16 matmul on CPU is ~50x slower)")
     args = p.parse_args(argv)
     if args.sym is None:
         p.error("pass --sym or --asym")
+    if (args.desc_act is None) != args.own_defaults:
+        p.error("pass exactly one of --desc-act/--no-desc-act and --own-defaults")
     return args
 
 
@@ -80,18 +87,16 @@ def vm_hwm_mib() -> float | None:
     return round(int(line.split()[1]) / 1024, 1) if line else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from gptqmodel import GPTQModel, QuantizeConfig, __version__
-
-    qcfg = QuantizeConfig(
+def classic_config(args: argparse.Namespace, QuantizeConfig):
+    """Classic GPTQ, every setting pinned (the interop fixtures and like-for-like benches)."""
+    return QuantizeConfig(
         bits=args.bits,
         group_size=args.group_size,
         desc_act=args.desc_act,
         sym=args.sym,
         format=args.format,
         damp_percent=args.damp,
-        act_group_aware=False,
+        act_group_aware=args.act_group_aware,
         static_groups=args.static_groups,
         mse=0.0,
         true_sequential=True,
@@ -101,6 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         # the saved config.json, which would make every regenerated fixture differ textually.
         offload_to_disk=False,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from gptqmodel import GPTQModel, QuantizeConfig, __version__
+
+    if args.own_defaults:
+        qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, format=args.format,
+                              device="cpu", offload_to_disk=False)
+    else:
+        qcfg = classic_config(args, QuantizeConfig)
     start = time.perf_counter()
     model = GPTQModel.load(args.model_dir, qcfg, dtype=getattr(torch, args.dtype))
     rows = calibration_rows(args.examples)
@@ -119,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "vm_hwm_mib": vm_hwm_mib(),
         "tool": "GPTQModel",
         "version": __version__,
+        "settings": {k: str(getattr(qcfg, k, None)) for k in ("desc_act", "act_group_aware", "damp_percent",
+                                                             "static_groups", "mse", "fallback")},
     }))
     return 0
 

@@ -6,10 +6,10 @@
       original_model: quantpress/tiny-llama
       license: apache-2.0
       prompt_template: vicuna    # a name from quantpress.prompts.TEMPLATES
-    defaults:                    # applied to every variant, each variant may override
-      act_order: true
+    defaults:                    # applied to every variant, each variant may override; settings
+      dataset: wikitext2         # left open take the recommended levers (config.recommended)
+      damp_search: false         # e.g. one global damp instead of a search per module
       damp_percent: 0.1
-      dataset: wikitext2
     variants:
       - {main: true, bits: 4, group_size: -1, desc: "..."}
       - {bits: 4, group_size: 128, desc: "..."}
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from quantpress.config import CalibrationConfig, QuantConfig, variant_name
+from quantpress.config import CalibrationConfig, QuantConfig, recommended, variant_name
 from quantpress.errors import ConfigError
 from quantpress.prompts import prompt_template
 from quantpress.release.git import check_branch_name
@@ -165,19 +165,21 @@ def _variant(spec: object, defaults: dict, seqlen_default: int, where: str) -> V
     if "desc" in own and "description" in own:
         raise ConfigError(f"{where}: give `desc` or `description`, not both")
     values = {"seqlen": seqlen_default, **defaults, **own}
-    quant = _build(QuantConfig, {k: v for k, v in values.items() if k in _QUANT}, where)
+    # settings the recipe leaves open take the recommended levers, as `quantpress quantize` does
+    quant = _build(QuantConfig, {k: v for k, v in values.items() if k in _QUANT}, where, make=recommended)
     calibration = _build(CalibrationConfig, {k: v for k, v in values.items() if k in _CALIBRATION}, where)
     variant = {_VARIANT_FIELDS[k]: v for k, v in own.items() if k in _VARIANT_FIELDS}
     return Variant(quant, calibration, **variant)
 
 
-def _build(cls: type, values: dict, where: str):
-    """`cls(**values)` for values already type-checked; its own range checks get the key path."""
+def _build(cls: type, values: dict, where: str, make=None):
+    """`cls(**values)` (or `make(**values)`) for values already type-checked; its own range checks
+    get the key path."""
     missing = [name for name in _required(cls) if name not in values]
     if missing:
         raise ConfigError(f"{where}: missing {', '.join(missing)}")
     try:
-        return cls(**values)
+        return (make or cls)(**values)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -245,7 +247,8 @@ def _at(where: str, key: object) -> str:
 
 
 def default_recipe(model: ModelInfo, *, seqlen: int) -> Recipe:
-    """TheBloke's familiar set: all act-order, damp 0.1, wikitext2 calibration."""
+    """TheBloke's familiar set of branches (all act-order, wikitext2 calibration), each with the
+    recommended levers: act-order with static groups, weighted range search, damp per module."""
     rows = [
         (4, -1, True, "4-bit, with Act Order. No group size, to lower VRAM requirements."),
         (4, 128, False, ("4-bit, with Act Order and group size 128g. Uses even less VRAM than 64g, "
@@ -260,7 +263,7 @@ def default_recipe(model: ModelInfo, *, seqlen: int) -> Recipe:
     ]
     calibration = CalibrationConfig(dataset="wikitext2", seqlen=seqlen)
     variants = tuple(
-        Variant(QuantConfig(bits=bits, group_size=gs, act_order=True, damp_percent=0.1), calibration, desc, main)
+        Variant(recommended(bits=bits, group_size=gs), calibration, desc, main)
         for bits, gs, main, desc in rows
     )
     return Recipe(model, variants)

@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--asym", dest="sym", action="store_false")
     p.add_argument("--damp", type=float, default=0.1)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--observer", default="memoryless_minmax",
+                   help="weight observer: memoryless_minmax (default), mse, or imatrix_mse (range search "
+                        "weighted by each input channel's mean square)")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False,
                    help="one pipeline stage per Linear (see docstring); default: per decoder layer")
     p.add_argument("--examples", required=True, help="safetensors file with int64 input_ids [n, seqlen]")
@@ -101,7 +104,7 @@ def build_modifier(args: argparse.Namespace):
         num_bits=args.bits, type="int", symmetric=args.sym,
         strategy="channel" if args.group_size == -1 else "group",
         group_size=None if args.group_size == -1 else args.group_size,
-        actorder=actorder,
+        actorder=actorder, observer=args.observer,
     )
     # actorder is also given to the modifier: its default is a "static" sentinel that would
     # otherwise turn act-order on for a scheme whose actorder is None.

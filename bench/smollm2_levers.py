@@ -130,6 +130,9 @@ def main() -> None:
     parser.add_argument("--section", default=None, help="write the table into BENCHMARKS.md under this name")
     parser.add_argument("--plot", type=Path, default=None,
                         help="only draw perplexity vs size from every result recorded so far into this PNG")
+    parser.add_argument("--report", action="store_true",
+                        help="only print (and with --section write) one table of every result recorded so far "
+                             "for --bits/--group-size: each variant's latest run per seed, seeds pooled")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -139,6 +142,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.plot:
         return plot(work / "results.jsonl", args.plot)
+    if args.report:
+        return report(work / "results.jsonl", args)
     me = [sys.executable, __file__]
     shape = ["--seqlen", str(args.seqlen), "--nsamples", str(args.nsamples), "--seed", str(args.seed),
              "--ppl-windows", str(args.ppl_windows), "--kl-windows", str(args.kl_windows)]
@@ -199,6 +204,39 @@ def row(name: str, fp: dict, e: dict, size: int, seconds: float, rss: float) -> 
 def record(path: Path, result: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(result) + "\n")
+
+
+def report(results: Path, args) -> None:
+    """One table from the recorded runs: per variant, the mean over calibration seeds with the
+    seeds' min-max perplexity, so a difference can be read against the spread."""
+    import statistics
+
+    latest: dict[tuple[str, int], dict] = {}  # (variant, seed) -> its last recorded run
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        if (r["bits"], r["group_size"]) == (args.bits, args.group_size):
+            latest[(r["variant"], r["seed"])] = r
+    variants = list(dict.fromkeys(v for v, _ in latest))
+    fp = next(iter(latest.values()))["fp_perplexity"]
+    rows = [["full precision (bf16)", f"{fp:.2f}", "", "—", "0", "100%", "", "", ""]]
+    for name in variants:
+        runs = [r for (v, _), r in sorted(latest.items()) if v == name]
+        ppl = [r["perplexity"] for r in runs]
+        spread = f"{min(ppl):.2f}–{max(ppl):.2f}" if len(runs) > 1 else ""
+
+        def mean(key: str) -> float:
+            return statistics.fmean(r[key] for r in runs)
+
+        rows.append([name, f"{mean('perplexity'):.2f}", f"{spread} ({len(runs)})" if spread else "1 seed",
+                     f"{mean('perplexity') / fp - 1:+.1%}", f"{mean('kl'):.4f}", f"{mean('top1'):.1%}",
+                     f"{mean('size_bytes') / 2**20:.0f}", f"{mean('seconds'):.0f}", f"{mean('peak_rss_mib'):.0f}"])
+    body = (f"`{command_line()}`: SmolLM2-135M-Instruct, {args.bits}-bit g{args.group_size} sym, every run recorded "
+            f"in results.jsonl; perplexity is the mean over calibration seeds (min–max and count beside it).\n\n"
+            + table(["variant", "perplexity", "seeds: min–max (n)", "vs fp", "KL (nats/token)", "top-1", "size MiB",
+                     "quantize s", "peak RSS MiB"], rows))
+    print(body)
+    if args.section:
+        write_section(args.section, body)
 
 
 def plot(results: Path, png: Path) -> None:

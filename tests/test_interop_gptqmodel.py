@@ -37,7 +37,7 @@ from torch import Tensor
 import quantpress
 from peers import regenerate_fixtures as regen
 from peers import tiny_models
-from quantpress.config import CalibrationConfig, QuantConfig
+from quantpress.config import CalibrationConfig, QuantConfig, recommended
 
 LOGIT_ATOL = 0.05  # fp32 dequant (quantpress) vs GPTQModel's fp16 dequant; see module docstring
 EXACT_ATOL = 1e-4  # same arithmetic, only matmul summation order may differ across CPUs
@@ -343,6 +343,11 @@ QUANTPRESS_CASES = {
     "llama_3b_g64_act_sym_v1": ("tiny_llama", _qc(3, 64, act_order=True, sym=True)),
     "llama_4b_g32_act_asym_v2": ("tiny_llama", _qc(4, 32, act_order=True, sym=False)),
     "qwen2_4b_g64_sym_v1": ("tiny_qwen2", _qc(4, 64, act_order=False, sym=True)),  # q/k/v biases
+    # the recommended levers: static act-order (desc_act false, trivial g_idx), weighted range
+    # search, damp search; and SignRound's refined rounding on top
+    "llama_4b_g32_recommended_sym_v1": ("tiny_llama", recommended(bits=4, group_size=32)),
+    "llama_2b_g32_signround_sym_v1": ("tiny_llama", recommended(bits=2, group_size=32, method="signround",
+                                                                signround_iters=20)),
 }
 
 
@@ -359,6 +364,10 @@ def test_quantpress_checkpoint_loads_in_gptqmodel(case: str, request: pytest.Fix
                         examples=calib_ids)
     ckpt = read_checkpoint(out)
     assert ckpt.is_v2 == (not qconfig.sym)  # asym is written as v2; the peer must honour that
+    if qconfig.act_order and qconfig.static_groups:  # static act-order: a plain checkpoint for every loader
+        assert ckpt.qconfig["desc_act"] is False
+        assert all(torch.equal(t, torch.arange(t.numel(), dtype=t.dtype) // qconfig.group_size)
+                   for name, t in ckpt.tensors.items() if name.endswith(".g_idx"))
 
     ids_file = regen.write_ids(tmp_path / "input_ids.safetensors", tiny_models.eval_ids(
         regen.EVAL_N, regen.EVAL_SEQLEN, regen.EVAL_SEED))

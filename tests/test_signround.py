@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import quantpress
 from quantpress import CalibrationConfig, QuantConfig, api
 from quantpress.errors import ConfigError
-from quantpress.layerwise import LayerInputs, capture_layer_inputs, quantize_layer, refine_layer
+from quantpress.layerwise import LayerInputs, capture_layer_inputs, quantize_layer, refine_layer, signround_targets
 from quantpress.models.arch import architecture_for
 from quantpress.quant.gptq import gptq_quantize
 from quantpress.quant.rtn import rtn_quantize
@@ -80,12 +80,14 @@ def test_signround_lowers_the_layer_output_error_below_gptqs(layer0, bits):
     try:
         target = layer(inputs.hidden, **inputs.kwargs)
         target = target[0] if isinstance(target, tuple) else target
+        delta = signround_targets(layer, inputs, batch_size=8)
+        assert torch.allclose(delta + inputs.hidden, target, atol=1e-5)
         quant = QuantConfig(bits=bits, group_size=32, act_order=True, static_groups=True, mse=True,
                             method="signround", signround_iters=100)
         results = quantize_layer(layer, architecture_for({"model_type": "llama"}), inputs, quant, batch_size=8, where="layer 0",
                                  source=source)
         gptq_error = output_error(layer, inputs, target)
-        refined = refine_layer(layer, results, LayerInputs(inputs.hidden, inputs.kwargs, target), quant, source)
+        refined = refine_layer(layer, results, inputs, delta, quant, source)
         signround_error = output_error(layer, inputs, target)
         print(f"{bits}-bit layer 0 output MSE: GPTQ {gptq_error:.3e}, SignRound {signround_error:.3e}")
         changed = sum(int((r.weight.intweight != g.weight.intweight).sum()) for r, g in zip(refined, results))
@@ -119,8 +121,9 @@ def test_signround_brings_the_model_closer_to_full_precision_than_gptq(tmp_path)
     assert config["quant_method"] == "gptq" and config["desc_act"] is False  # static: plain GPTQ for every loader
 
 
-def test_a_killed_signround_run_resumes_to_identical_files(tiny_llama, examples, tmp_path):
-    quant = QuantConfig(bits=2, group_size=32, method="signround", signround_iters=5)
+@pytest.mark.parametrize("target", ["layer", "model"])
+def test_a_killed_signround_run_resumes_to_identical_files(tiny_llama, examples, tmp_path, target):
+    quant = QuantConfig(bits=2, group_size=32, method="signround", signround_iters=5, signround_target=target)
     quantpress.quantize(tiny_llama, tmp_path / "ref", quant, CALIB, examples=examples)
     with pytest.raises(KeyboardInterrupt):
         quantpress.quantize(tiny_llama, tmp_path / "q", quant, CALIB, examples=examples, progress=kill_at("layer", 1))

@@ -13,6 +13,7 @@ from enum import Enum
 from quantpress.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+SIGNROUND_TARGETS = ("layer", "model")
 
 
 class Method(str, Enum):
@@ -52,6 +53,10 @@ class QuantConfig:
     method: Method = Method.GPTQ
     signround_iters: int = 200  # SignRound steps per decoder layer (AutoRound's default)
     signround_lr: float = 0.0  # SignRound's first step size; 0: 1 / signround_iters
+    # what SignRound matches: "model", the full-precision model's outputs at this layer (AutoRound's
+    # choice: also undo the earlier layers' drift, at the cost of a second activation stream);
+    # "layer", the full-precision layer's outputs on the quantized model's inputs (its own error only)
+    signround_target: str = "model"
 
     @property
     def desc_act(self) -> bool:
@@ -87,6 +92,8 @@ class QuantConfig:
         if self.signround_iters <= 0 or not 0.0 <= self.signround_lr < 1.0:
             raise ConfigError(f"signround_iters must be positive and signround_lr in [0, 1), got "
                               f"{self.signround_iters} and {self.signround_lr}")
+        if self.signround_target not in SIGNROUND_TARGETS:
+            raise ConfigError(f"signround_target must be one of {SIGNROUND_TARGETS}, got {self.signround_target!r}")
         if self.method is Method.SIGNROUND and self.act_order and not self.static_groups:
             raise ConfigError("SignRound tunes contiguous groups: act_order needs static_groups=True with it")
         if self.mse_weighted and not self.mse:

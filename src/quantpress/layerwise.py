@@ -240,9 +240,10 @@ def quantize_and_propagate(
     if quant.method is Method.SIGNROUND:
         if source is None:  # GPTQ overwrites the layer's weights; SignRound needs the originals
             source = {f"{name}.weight": layer.get_submodule(name).weight.data.clone() for name in arch.quantized_modules}
-        forward_layer_(layer, LayerInputs(inputs.reference, inputs.kwargs), batch_size)  # still full precision
+        delta = signround_targets(layer, inputs, batch_size)  # before GPTQ replaces the weights
         results = quantize_layer(layer, arch, inputs, quant, batch_size=batch_size, where=where, source=source)
-        results = refine_layer(layer, results, inputs, quant, source)
+        results = refine_layer(layer, results, inputs, delta, quant, source)
+        del delta
         if propagate:
             forward_layer_(layer, inputs, batch_size)
         return results
@@ -305,25 +306,54 @@ def quantize_layer_blockwise(
     return results
 
 
-def refine_layer(layer: nn.Module, results: list[ModuleResult], inputs: LayerInputs, quant: QuantConfig,
-                 source: Mapping[str, Tensor]) -> list[ModuleResult]:
+@torch.no_grad()
+def signround_targets(layer: nn.Module, inputs: LayerInputs, batch_size: int) -> Tensor:
+    """What the full-precision layer adds to the residual stream, [n, T, hidden] in the stream's
+    dtype: fp_layer(x) - x on the quantized model's inputs x, or, when `inputs` carries the
+    full-precision stream (signround_target "model"), fp_layer(x_fp) - x, which also advances that
+    stream to the next layer. Computed in fp32: the difference is small next to x."""
+    dtype = inputs.hidden.dtype
+    delta = torch.empty_like(inputs.hidden)
+    layer.float()
+    try:
+        for i in range(0, len(inputs.hidden), batch_size):
+            x = inputs.hidden[i : i + batch_size].float()
+            source = x if inputs.reference is None else inputs.reference[i : i + batch_size].float()
+            out = layer(source, **inputs.kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            if not all_finite(out):
+                raise NonFiniteError("calibration activations became NaN/Inf")
+            delta[i : i + batch_size] = out - x
+            if inputs.reference is not None:
+                inputs.reference[i : i + batch_size] = out
+    finally:
+        layer.to(dtype)
+    return delta
+
+
+def refine_layer(layer: nn.Module, results: list[ModuleResult], inputs: LayerInputs, delta: Tensor,
+                 quant: QuantConfig, source: Mapping[str, Tensor]) -> list[ModuleResult]:
     """SignRound over the whole layer, from GPTQ's `results`: inputs.hidden are the quantized
-    model's activations entering the layer, inputs.reference the full-precision layer's outputs.
-    Writes the refined fake-quant weights into the layer's Linears."""
+    model's activations entering the layer, `delta` [n, T, hidden] what the layer should add to
+    them (signround_targets). Runs the layer in fp32; writes the refined fake-quant weights into
+    its Linears in their own dtype."""
     states = {r.name: RoundingState(source[f"{r.name}.weight"], r.weight, quant.group_size, quant.sym)
               for r in results}
     frozen = [p for p in layer.parameters() if p.requires_grad]
     for p in frozen:  # only the rounding is learned; no gradients for norms and biases
         p.requires_grad_(False)
+    dtype = next(layer.parameters()).dtype
+    layer.float()
 
     def layer_fn(weights: dict[str, Tensor], x: Tensor) -> Tensor:
         out = functional_call(layer, {f"{name}.weight": w for name, w in weights.items()}, (x,), inputs.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     try:
-        signround(layer_fn, states, inputs.hidden, inputs.reference,
+        signround(layer_fn, states, inputs.hidden, delta,
                   SignRoundSettings(iters=quant.signround_iters, lr=quant.signround_lr))
     finally:
+        layer.to(dtype)
         for p in frozen:
             p.requires_grad_(True)
     refined = []

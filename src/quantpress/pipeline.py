@@ -58,6 +58,7 @@ from quantpress.layerwise import (
     collect_hessians,
     forward_layer_,
     quantize_and_propagate,
+    signround_targets,
     quantize_group,
 )
 from quantpress.mixed_precision import Candidate, choose_upgrades, dynamic_overrides
@@ -354,7 +355,7 @@ def _quantize_layers(source, arch, config, quant, calibration, examples, staging
         embed = base.get_input_embeddings()
         assign_weights(embed, {"weight": source.get(_embed_key(model, embed))}, "embed_tokens")
         inputs = capture_layer_inputs(base, layers, examples)
-        if quant.method is Method.SIGNROUND:
+        if quant.method is Method.SIGNROUND and quant.signround_target == "model":
             inputs = inputs.with_reference()
         release(embed)
 
@@ -366,8 +367,8 @@ def _quantize_layers(source, arch, config, quant, calibration, examples, staging
         last = i + 1 == total  # its output feeds nothing
         if i < done:  # staged by an interrupted run: restore its quantized weights, skip the work
             if inputs is not None:
-                if inputs.reference is not None:  # the full-precision stream passes the fp layer
-                    forward_layer_(layer, replace(inputs, hidden=inputs.reference), batch_size)
+                if inputs.reference is not None:  # the full-precision stream passes the fp layer, as it did
+                    signround_targets(layer, inputs, batch_size)
                 _load_staged_into(layer, _layer_file(staging, i), prefix, arch, quant)
                 if not last:
                     forward_layer_(layer, inputs, batch_size)

@@ -111,6 +111,7 @@ def quantize_config_dict(
             "method": quant.method.value,
             "signround_iters": int(quant.signround_iters) if quant.method.value == "signround" else None,
             "signround_lr": float(quant.signround_lr) if quant.method.value == "signround" else None,
+            "signround_target": quant.signround_target if quant.method.value == "signround" else None,
             # only the file name of a local text file: never publish a local path
             "dataset": dataset,
             "calibration_seed": None if calibration is None else int(calibration.seed),

@@ -4,14 +4,19 @@ GPTQ solves each Linear against its own inputs; SignRound tunes a whole decoder 
 against what the full-precision model would output there. For every Linear W [N, K] of the layer
 it learns, by signed gradient descent on the layer's output error
 
-    loss = mean (layer_q(X_q) - layer_fp(X_fp))^2
+    loss = mean (layer_q(X_q) - target)^2,  target = layer_fp(X_q) or layer_fp(X_fp)
 
     V     [N, K] in [-0.5, 0.5]  an offset added before rounding: whether each weight rounds up or down
     alpha [N, G] in [ALPHA_MIN, 1]  a shrink of each group's range (its max; sym: the whole range)
     beta  [N, G] in [ALPHA_MIN, 1]  the same for the group's min (asym only)
 
-where X_q are the activations entering the layer from the already quantized layers (so each
-layer also corrects the error the earlier ones left) and X_fp those of the full-precision model.
+where X_q are the activations entering the layer from the already quantized layers and X_fp those
+of the full-precision model. With layer_fp(X_fp) (AutoRound's target, QuantConfig.signround_target
+"model", the default) each layer also tries to undo the drift the earlier ones left; with
+layer_fp(X_q) ("layer") it only minimises its own error, jointly over its Linears and through its
+nonlinearities, where GPTQ treats each Linear alone (on the bundled model at 2 bits that never beat
+GPTQ's start: from a GPTQ solution, the first sign steps flip levels GPTQ had compensated for, and
+the layer's own error rises before it falls). All of it runs in fp32.
 round() passes gradients straight through. The step is lr * sign(grad), lr decaying linearly to 0
 over the iterations: every parameter moves at most ~lr * iters / 2 = 0.5 in total, so V can flip
 each weight to the neighbouring level at most (AutoRound's defaults: 200 iterations, lr 1/200).
@@ -148,38 +153,41 @@ class RoundingState:
                                g_idx=(torch.arange(K, device=q.device) // self.gs).to(torch.int32), bits=self.bits)
 
 
-def _layer_loss(layer_fn: LayerFn, states: dict[str, RoundingState], X: Tensor, Y: Tensor, dtype) -> Tensor:
-    weights = {name: st.fake()[0].to(dtype) for name, st in states.items()}
-    return F.mse_loss(layer_fn(weights, X).float(), Y.float())
+def _layer_loss(layer_fn: LayerFn, states: dict[str, RoundingState], x: Tensor, d: Tensor,
+                reduction: str = "mean") -> Tensor:
+    """Squared error of what the layer adds to its input, layer(x) - x, against d: the same as
+    comparing outputs, but the residual stream is subtracted in fp32 rather than rounded into a
+    bf16 output, where it would bury the quantization error (layer outputs are O(|x|), their
+    quantization error orders of magnitude smaller)."""
+    x = x.float()
+    weights = {name: st.fake()[0] for name, st in states.items()}
+    return F.mse_loss(layer_fn(weights, x) - x, d.float(), reduction=reduction)
 
 
 @torch.no_grad()
-def _full_loss(layer_fn: LayerFn, states: dict[str, RoundingState], X: Tensor, Y: Tensor, batch_size: int,
-               dtype) -> float:
-    weights = {name: st.fake()[0].to(dtype) for name, st in states.items()}
-    total = sum(F.mse_loss(layer_fn(weights, x).float(), y.float(), reduction="sum").item()
-                for x, y in zip(X.split(batch_size), Y.split(batch_size)))
-    return total / Y.numel()
+def _full_loss(layer_fn: LayerFn, states: dict[str, RoundingState], X: Tensor, D: Tensor, batch_size: int) -> float:
+    total = sum(_layer_loss(layer_fn, states, x, d, "sum").item()
+                for x, d in zip(X.split(batch_size), D.split(batch_size)))
+    return total / D.numel()
 
 
-def signround(layer_fn: LayerFn, states: dict[str, RoundingState], X: Tensor, Y: Tensor,
+def signround(layer_fn: LayerFn, states: dict[str, RoundingState], X: Tensor, D: Tensor,
               settings: SignRoundSettings) -> tuple[float, float]:
-    """Tune `states` in place so that layer_fn(their weights, X) approaches Y (X, Y [n, T, hidden],
-    in the layer's compute dtype). Returns (start, end): the mean squared output error over all
-    windows before and after; end <= start always (otherwise the start is restored)."""
-    dtype = X.dtype
+    """Tune `states` in place so that layer_fn(their weights, X) - X approaches D (X, D [n, T, hidden],
+    any float dtype; `layer_fn` computes in fp32). Returns (start, end): the mean squared error over
+    all windows before and after; end <= start always (otherwise the start is restored)."""
     lr0 = settings.lr or 1.0 / settings.iters
     generator = torch.Generator().manual_seed(settings.seed)
     start_values = {name: st.snapshot() for name, st in states.items()}
-    start = _full_loss(layer_fn, states, X, Y, settings.batch_size, dtype)
+    start = _full_loss(layer_fn, states, X, D, settings.batch_size)
     for it in range(settings.iters):
         rows = torch.randperm(len(X), generator=generator)[: settings.batch_size].to(X.device)
         with torch.enable_grad():
-            _layer_loss(layer_fn, states, X[rows], Y[rows], dtype).backward()
+            _layer_loss(layer_fn, states, X[rows], D[rows]).backward()
         lr = lr0 * (1 - it / settings.iters)  # linear decay to 0: the last steps only fine-tune
         for st in states.values():
             st.step(lr)
-    end = _full_loss(layer_fn, states, X, Y, settings.batch_size, dtype)
+    end = _full_loss(layer_fn, states, X, D, settings.batch_size)
     if end >= start:
         for name, st in states.items():
             st.restore(start_values[name])

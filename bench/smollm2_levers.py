@@ -44,6 +44,8 @@ VARIANTS: dict[str, dict] = {
     # static act-order measured better than GAR alone on SmolLM2 4-bit (+21.1% vs +25.7%)
     "combo-static": {"act_order": True, "static_groups": True, "mse": True, "mse_weighted": True,
                      "damp_search": True},
+    # the combination without the damp search, which solves every module four times
+    "static+mse-weighted": {"act_order": True, "static_groups": True, "mse": True, "mse_weighted": True},
     "combo-static+upgrade": {"act_order": True, "static_groups": True, "mse": True, "mse_weighted": True,
                              "damp_search": True, "upgrade_budget": 0.02},
     # GPTQ with the combination, then SignRound per layer against the full-precision outputs
@@ -177,7 +179,9 @@ def main() -> None:
         q = run_child([python, str(REPO / RUNNERS[tool]), str(model), str(out), "--bits", str(args.bits),
                        "--group-size", str(args.group_size), "--sym", "--examples", examples, "--dtype", "bfloat16",
                        *flags, *extra], cwd=work,
-                      env={"GPTQMODEL_CPU_WORKERS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))})
+                      # GPTQModel refuses fewer than 2 workers (its loader pool takes 2); torch's own
+                      # threads follow OMP_NUM_THREADS like every other child's
+                      env={"GPTQMODEL_CPU_WORKERS": str(max(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))})
         e = run_child([*me, *shape, "--child", "eval", str(judged), str(model)]).result
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         # peak RSS: the runner's VmHWM (its own image; ru_maxrss would include the venv's launcher)

@@ -361,7 +361,7 @@ def test_quantize_config_dict_fields_and_order() -> None:
             "quantizer": ["quantpress:0.1.0"], "damp_percent": 0.01, "static_groups": True,
             "true_sequential": True, "mse": False, "mse_weighted": False, "upgrade_budget": 0.0,
             "group_aware": False, "damp_search": False, "act_order": True, "method": "gptq",
-            "signround_iters": None, "signround_lr": None, "dataset": "wikitext2",
+            "signround_iters": None, "signround_lr": None, "signround_target": None, "dataset": "wikitext2",
             "calibration_seed": 3, "calibration_dtype": "bfloat16", "hessian_inputs": "quantized",
             "prompt_template": None, "system_prompt": None,
         },

@@ -146,8 +146,10 @@ def test_card_tables_match_the_files_on_each_branch(released, tmp_path):
         row = provided[branch]
         assert row["Bits"] == str(info.bits)
         assert row["GS"] == ("None" if info.group_size == -1 else str(info.group_size))
-        assert row["Act Order"] == ("Yes" if info.desc_act else "No")
-        assert row["Damp %"] == str(qc["damp_percent"]) and row["Seq Len"] == str(qc["seqlen"])
+        static = qc["meta"]["act_order"] and not info.desc_act  # act-order, stored as plain groups
+        assert row["Act Order"] == ("Yes" if info.desc_act else "Static" if static else "No")
+        damp = "per module" if qc["meta"]["damp_search"] else str(qc["damp_percent"])
+        assert row["Damp %"] == damp and row["Seq Len"] == str(qc["seqlen"])
         size = sum(n for name, n in files.items() if name.endswith(".safetensors"))
         assert row["Size"] == human_size(size)
         assert row["ExLlama"] == ("Yes" if info.bits == 4 else "No")

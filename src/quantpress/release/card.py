@@ -98,9 +98,15 @@ def dataset_label(dataset: str) -> str:
     return DATASET_LABELS.get(dataset, PurePath(dataset).name)
 
 
+def act_order_label(quant: QuantConfig) -> str:
+    """The card's Act Order cell: "Static" for act-order with static groups, whose files need no
+    act-order at load time (`desc_act: false`, trivial g_idx), so loaders treat it as "No"."""
+    return "Static" if quant.act_order and not quant.desc_act else yes_no(quant.act_order)
+
+
 def _settings(quant: QuantConfig) -> str:
     group = "no group size" if quant.group_size == -1 else f"group size {quant.group_size}"
-    return f"{quant.bits}-bit, {group}, act-order {yes_no(quant.act_order)}, {'sym' if quant.sym else 'asym'}"
+    return f"{quant.bits}-bit, {group}, act-order {act_order_label(quant).lower()}, {'sym' if quant.sym else 'asym'}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ def _file_row(v: VariantResult, shapes: compat.Shapes) -> dict[str, str]:
         "branch": v.branch,
         "bits": str(v.quant.bits),
         "gs": format_group_size(v.quant.group_size),
-        "act_order": yes_no(v.quant.act_order),
+        "act_order": act_order_label(v.quant),
         "damp": ("per module" if v.quant.damp_search else f"{v.quant.damp_percent:g}") if calibrated else "n/a (RTN)",
         "levers": ", ".join(_levers(v.quant)) or "—",
         "dataset": table_cell(dataset_label(v.calibration.dataset)) if calibrated else "n/a (RTN)",
@@ -189,7 +195,7 @@ def _quality_row(v: VariantResult, baseline: Baseline) -> dict[str, str]:
         "branch": v.branch,
         "bits": str(v.quant.bits),
         "gs": format_group_size(v.quant.group_size),
-        "act_order": yes_no(v.quant.act_order),
+        "act_order": act_order_label(v.quant),
         "ppl": format_ppl(v.perplexity),
         "delta": format_delta(v.perplexity, baseline.perplexity),
         "kl": "—" if v.kl_divergence is None else f"{v.kl_divergence:.4f}",

@@ -53,9 +53,6 @@ VARIANTS: dict[str, dict] = {
                   "mse_weighted": True, "damp_search": True},
     "signround+upgrade": {"method": "signround", "act_order": True, "static_groups": True, "mse": True,
                           "mse_weighted": True, "damp_search": True, "upgrade_budget": 0.02},
-    "signround-50-model": {"method": "signround", "act_order": True, "static_groups": True, "mse": True,
-                           "mse_weighted": True, "damp_search": True, "signround_iters": 50,
-                           "signround_target": "model"},
     # 50 steps per layer: the cost of AutoRound's `light` recipe, for a like-for-like row
     "signround-50": {"method": "signround", "act_order": True, "static_groups": True, "mse": True,
                      "mse_weighted": True, "damp_search": True, "signround_iters": 50},

@@ -77,6 +77,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "peers"))
+from runner_common import load_windows, vm_hwm_mib  # noqa: E402
+
 # cli/main.py RECIPES (auto-round 0.16.1), minus seqlen/nsamples: the windows are the caller's.
 RECIPES = {
     "default": {"iters": 200, "lr": None, "batch_size": 8},
@@ -109,13 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.iters is not None and args.iters < 1:
         p.error("--iters must be >= 1 (0 selects AutoRound's RTN path, not SignRound)")
     return args
-
-
-def load_windows(path: str) -> Tensor:
-    ids = load_file(path)["input_ids"]
-    if ids.dtype != torch.int64 or ids.dim() != 2:
-        raise SystemExit(f"{path}: input_ids must be int64 [n, seqlen], got {ids.dtype} {tuple(ids.shape)}")
-    return ids
 
 
 class WindowRecorder:
@@ -247,17 +243,6 @@ def verify(out_dir: Path, qdq: dict[str, Tensor], bits: int) -> dict:
         d = (decoded[bad[0]] - qdq[bad[0]].float()).abs().max().item()
         raise SystemExit(f"OUT differs from AutoRound's q-dq weights in {len(bad)} modules ({bad[0]}: {d})")
     return {"verified_modules": len(decoded), "dtype_in_memory": str(next(iter(qdq.values())).dtype)}
-
-
-def vm_hwm_mib() -> float | None:
-    """Peak RSS of this process image (Linux VmHWM). Unlike ru_maxrss, which exec inherits from
-    the parent's high-water mark, it starts afresh at exec, so a big parent cannot inflate it."""
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return None
-    line = next((x for x in status if x.startswith("VmHWM:")), None)
-    return round(int(line.split()[1]) / 1024, 1) if line else None
 
 
 def move_up(folder: Path, out_dir: Path) -> None:

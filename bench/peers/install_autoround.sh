@@ -7,11 +7,7 @@
 # Usage: install_autoround.sh VENV_DIR
 set -euo pipefail
 VENV=${1:?usage: install_autoround.sh VENV_DIR}
-python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q torch==2.13.0
-CONSTRAINTS=$(mktemp)
-echo torch==2.13.0 > "$CONSTRAINTS"
+bash "$(dirname "$0")/../../tests/peers/torch_venv.sh" "$VENV"
+CONSTRAINTS="$VENV/torch-constraints.txt"
 "$VENV/bin/pip" install -q -c "$CONSTRAINTS" auto-round==0.16.1 tokenizers
-rm -f "$CONSTRAINTS"
 "$VENV/bin/python" -c "import auto_round, torch; print('auto-round', auto_round.__version__, 'torch', torch.__version__)"

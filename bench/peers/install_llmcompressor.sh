@@ -6,10 +6,6 @@
 # Usage: install_llmcompressor.sh VENV_DIR
 set -euo pipefail
 VENV=${1:?usage: install_llmcompressor.sh VENV_DIR}
-python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q torch==2.13.0
-CONSTRAINTS=$(mktemp)
-echo torch==2.13.0 > "$CONSTRAINTS"
+bash "$(dirname "$0")/../../tests/peers/torch_venv.sh" "$VENV"
+CONSTRAINTS="$VENV/torch-constraints.txt"
 "$VENV/bin/pip" install -q -c "$CONSTRAINTS" llmcompressor==0.14.0.1 tokenizers
-rm -f "$CONSTRAINTS"

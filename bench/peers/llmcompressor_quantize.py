@@ -55,6 +55,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "peers"))
+from runner_common import load_windows, vm_hwm_mib  # noqa: E402
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
@@ -86,13 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.verify and not args.dense_out:
         p.error("--verify checks the dense export: pass --dense-out")
     return args
-
-
-def load_windows(path: str) -> Tensor:
-    ids = load_file(path)["input_ids"]
-    if ids.dtype != torch.int64 or ids.dim() != 2:
-        raise SystemExit(f"{path}: input_ids must be int64 [n, seqlen], got {ids.dtype} {tuple(ids.shape)}")
-    return ids
 
 
 def build_modifier(args: argparse.Namespace):
@@ -240,17 +236,6 @@ def verify(state: dict[str, Tensor], names: list[str], in_memory: dict[str, Tens
         raise SystemExit("transformers did not decompress OUT_DIR to nn.Linear")
     compare({n: modules[n].weight.detach() for n in names}, "compressed-tensors' decompression")
     return {"verified_modules": len(names), "dtype_in_memory": str(next(iter(in_memory.values())).dtype)}
-
-
-def vm_hwm_mib() -> float | None:
-    """Peak RSS of this process image (Linux VmHWM). Unlike ru_maxrss, which exec inherits from
-    the parent's high-water mark, it starts afresh at exec, so a big parent cannot inflate it."""
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return None
-    line = next((x for x in status if x.startswith("VmHWM:")), None)
-    return round(int(line.split()[1]) / 1024, 1) if line else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,14 +28,13 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
 
 # Must be set before gptqmodel is imported: on a 2-core box its default worker count asks the
 # 'cpu' device pool for 2 workers while the parent pool has 1, and quantize() aborts.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from runner_common import load_windows, vm_hwm_mib  # noqa: E402  (this folder: sys.path[0])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,21 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def calibration_rows(path: str) -> list[dict[str, torch.Tensor]]:
     """GPTQModel's calibration format: one dict per sequence, with an all-ones attention mask."""
-    ids = load_file(path)["input_ids"]
-    if ids.dtype != torch.int64 or ids.dim() != 2:
-        raise SystemExit(f"{path}: input_ids must be int64 [n, seqlen], got {ids.dtype} {tuple(ids.shape)}")
+    ids = load_windows(path)
     return [{"input_ids": row[None, :], "attention_mask": torch.ones_like(row)[None, :]} for row in ids]
-
-
-def vm_hwm_mib() -> float | None:
-    """Peak RSS of this process image (Linux VmHWM). Unlike ru_maxrss, which exec inherits from
-    the parent's high-water mark, it starts afresh at exec, so a big parent cannot inflate it."""
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return None
-    line = next((x for x in status if x.startswith("VmHWM:")), None)
-    return round(int(line.split()[1]) / 1024, 1) if line else None
 
 
 def classic_config(args: argparse.Namespace, QuantizeConfig):

@@ -6,11 +6,8 @@
 # Usage: install_gptqmodel.sh VENV_DIR
 set -euo pipefail
 VENV=${1:?usage: install_gptqmodel.sh VENV_DIR}
-python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q torch==2.13.0
-CONSTRAINTS=$(mktemp)
-echo torch==2.13.0 > "$CONSTRAINTS"
+bash "$(dirname "$0")/torch_venv.sh" "$VENV"
+CONSTRAINTS="$VENV/torch-constraints.txt"
 "$VENV/bin/pip" install -q -c "$CONSTRAINTS" "accelerate>=1.15.0" "numpy>=2.4.6" "safetensors>=0.8.0" \
   "filelock>=4.2.4" "transformers>=5.20.2" "threadpoolctl>=3.7.0" "packaging>=26.3" "device-smi>=0.5.7" \
   "protobuf>=7.36.2" "pillow>=13.0.0" "requests>=2.34.2" "pypcre>=0.6.4" "tokenicer>=0.0.14" \
@@ -18,4 +15,3 @@ echo torch==2.13.0 > "$CONSTRAINTS"
   "pyarrow>=26.0.0" "dill>=0.4.1" "torchao>=0.18.0" "defuser>=0.0.28"
 "$VENV/bin/pip" install -q -c "$CONSTRAINTS" --no-deps gptqmodel==7.7.0
 "$VENV/bin/pip" install -q -c "$CONSTRAINTS" optimum==2.3.0 tokenizers
-rm -f "$CONSTRAINTS"

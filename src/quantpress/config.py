@@ -103,8 +103,8 @@ class QuantConfig:
 
 
 # The levers that won on SmolLM2-135M (BENCHMARKS.md §7, 4-bit g128: classic GPTQ +31.4% perplexity
-# over full precision, these +9.9%, mean of 3 calibration seeds): act-order with static groups, the range search weighted by each
-# input's mean square, damping chosen per module. All three are free at inference: the files are
+# over full precision, these +9.9%, mean of 3 calibration seeds): act-order with static groups,
+# the range search weighted by each input's mean square, damping chosen per module. All three are free at inference: the files are
 # plain GPTQ checkpoints with a trivial g_idx that every loader and kernel reads at full speed.
 RECOMMENDED_LEVERS = {"act_order": True, "static_groups": True, "mse": True, "mse_weighted": True,
                       "damp_search": True}

@@ -11,6 +11,7 @@ Modules of one group read the same tensor, so one Hessian serves the whole group
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,8 +43,8 @@ class _StopForward(Exception):
 class LayerInputs:
     hidden: Tensor  # [n, T, hidden] the calibration activations entering the current layer
     kwargs: dict  # attention mask, position embeddings, ... exactly as the model passes them
-    # [n, T, hidden] what enters the same layer in the full-precision model: SignRound's targets
-    # are this layer's full-precision outputs (None for the other methods, which need no copy)
+    # [n, T, hidden] what enters the same layer in the full-precision model, for SignRound with
+    # signround_target "model" (None otherwise: nothing else needs the second stream)
     reference: Tensor | None = None
 
     def with_reference(self) -> LayerInputs:
@@ -236,7 +237,7 @@ def quantize_and_propagate(
     """Quantize one decoder layer and, with `propagate`, leave the quantized layer's output in
     `inputs.hidden` for the next layer. True-sequential GPTQ on a layer the table describes as
     residual blocks takes the blockwise path; everything else re-runs the opaque layer.
-    SignRound first advances the full-precision stream (its targets), then refines GPTQ's result."""
+    SignRound first computes its targets (signround_targets), then refines GPTQ's result."""
     if quant.method is Method.SIGNROUND:
         if source is None:  # GPTQ overwrites the layer's weights; SignRound needs the originals
             source = {f"{name}.weight": layer.get_submodule(name).weight.data.clone() for name in arch.quantized_modules}
@@ -306,16 +307,26 @@ def quantize_layer_blockwise(
     return results
 
 
+@contextmanager
+def _in_fp32(layer: nn.Module):
+    """Run SignRound's passes over the layer in fp32, then give it back its own dtype (a cast
+    between bf16/fp16 and fp32 is exact both ways for the layer's own parameters)."""
+    dtype = next(layer.parameters()).dtype
+    layer.float()
+    try:
+        yield
+    finally:
+        layer.to(dtype)
+
+
 @torch.no_grad()
 def signround_targets(layer: nn.Module, inputs: LayerInputs, batch_size: int) -> Tensor:
     """What the full-precision layer adds to the residual stream, [n, T, hidden] in the stream's
     dtype: fp_layer(x) - x on the quantized model's inputs x, or, when `inputs` carries the
     full-precision stream (signround_target "model"), fp_layer(x_fp) - x, which also advances that
     stream to the next layer. Computed in fp32: the difference is small next to x."""
-    dtype = inputs.hidden.dtype
     delta = torch.empty_like(inputs.hidden)
-    layer.float()
-    try:
+    with _in_fp32(layer):
         for i in range(0, len(inputs.hidden), batch_size):
             x = inputs.hidden[i : i + batch_size].float()
             source = x if inputs.reference is None else inputs.reference[i : i + batch_size].float()
@@ -326,8 +337,6 @@ def signround_targets(layer: nn.Module, inputs: LayerInputs, batch_size: int) ->
             delta[i : i + batch_size] = out - x
             if inputs.reference is not None:
                 inputs.reference[i : i + batch_size] = out
-    finally:
-        layer.to(dtype)
     return delta
 
 
@@ -342,18 +351,16 @@ def refine_layer(layer: nn.Module, results: list[ModuleResult], inputs: LayerInp
     frozen = [p for p in layer.parameters() if p.requires_grad]
     for p in frozen:  # only the rounding is learned; no gradients for norms and biases
         p.requires_grad_(False)
-    dtype = next(layer.parameters()).dtype
-    layer.float()
 
     def layer_fn(weights: dict[str, Tensor], x: Tensor) -> Tensor:
         out = functional_call(layer, {f"{name}.weight": w for name, w in weights.items()}, (x,), inputs.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     try:
-        signround(layer_fn, states, inputs.hidden, delta,
-                  SignRoundSettings(iters=quant.signround_iters, lr=quant.signround_lr))
+        with _in_fp32(layer):
+            signround(layer_fn, states, inputs.hidden, delta,
+                      SignRoundSettings(iters=quant.signround_iters, lr=quant.signround_lr))
     finally:
-        layer.to(dtype)
         for p in frozen:
             p.requires_grad_(True)
     refined = []

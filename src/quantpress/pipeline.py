@@ -58,8 +58,8 @@ from quantpress.layerwise import (
     collect_hessians,
     forward_layer_,
     quantize_and_propagate,
-    signround_targets,
     quantize_group,
+    signround_targets,
 )
 from quantpress.mixed_precision import Candidate, choose_upgrades, dynamic_overrides
 from quantpress.models.arch import Architecture, architecture_for

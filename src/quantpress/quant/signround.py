@@ -153,20 +153,24 @@ class RoundingState:
                                g_idx=(torch.arange(K, device=q.device) // self.gs).to(torch.int32), bits=self.bits)
 
 
-def _layer_loss(layer_fn: LayerFn, states: dict[str, RoundingState], x: Tensor, d: Tensor,
+def _weights(states: dict[str, RoundingState]) -> dict[str, Tensor]:
+    return {name: st.fake()[0] for name, st in states.items()}
+
+
+def _layer_loss(layer_fn: LayerFn, weights: dict[str, Tensor], x: Tensor, d: Tensor,
                 reduction: str = "mean") -> Tensor:
     """Squared error of what the layer adds to its input, layer(x) - x, against d: the same as
     comparing outputs, but the residual stream is subtracted in fp32 rather than rounded into a
     bf16 output, where it would bury the quantization error (layer outputs are O(|x|), their
     quantization error orders of magnitude smaller)."""
     x = x.float()
-    weights = {name: st.fake()[0] for name, st in states.items()}
     return F.mse_loss(layer_fn(weights, x) - x, d.float(), reduction=reduction)
 
 
 @torch.no_grad()
 def _full_loss(layer_fn: LayerFn, states: dict[str, RoundingState], X: Tensor, D: Tensor, batch_size: int) -> float:
-    total = sum(_layer_loss(layer_fn, states, x, d, "sum").item()
+    weights = _weights(states)  # once for all batches
+    total = sum(_layer_loss(layer_fn, weights, x, d, "sum").item()
                 for x, d in zip(X.split(batch_size), D.split(batch_size)))
     return total / D.numel()
 
@@ -183,7 +187,7 @@ def signround(layer_fn: LayerFn, states: dict[str, RoundingState], X: Tensor, D:
     for it in range(settings.iters):
         rows = torch.randperm(len(X), generator=generator)[: settings.batch_size].to(X.device)
         with torch.enable_grad():
-            _layer_loss(layer_fn, states, X[rows], D[rows]).backward()
+            _layer_loss(layer_fn, _weights(states), X[rows], D[rows]).backward()
         lr = lr0 * (1 - it / settings.iters)  # linear decay to 0: the last steps only fine-tune
         for st in states.values():
             st.step(lr)

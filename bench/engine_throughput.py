@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, machine, table
 
 import quantpress
-from quantpress.runtime.engine import Engine, GenerationParams
+from quantpress.runtime.engine import Engine, SamplingParams
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_once(engine: Engine, prompts: list[list[int]], params: GenerationParams) -> tuple[int, float]:
+def run_once(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[int, float]:
     """Submit every prompt at once; return (tokens generated, seconds until the last one ended)."""
     start = time.perf_counter()
     streams = [engine.submit(p, params) for p in prompts]
@@ -52,7 +52,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     loaded = quantpress.load(args.model)
     vocab = loaded.model.get_input_embeddings().num_embeddings
-    params = GenerationParams(max_new_tokens=args.max_new_tokens)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0)  # greedy
     engine = Engine(loaded, max_batch_size=max(args.streams), batch_invariant=args.batch_invariant)
     engine.start()
     g = torch.Generator().manual_seed(0)

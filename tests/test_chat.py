@@ -10,9 +10,10 @@ import pytest
 
 from quantpress.errors import PromptTooLong
 from quantpress.prompts import chat_formatter, folder_formatter
-from quantpress.runtime.chat import ReplyFilter, chat_loop, fit_conversation
+from quantpress.runtime.chat import chat_loop, fit_conversation
 from quantpress.runtime.detokenize import (
     IncrementalDetokenizer,
+    StopFilter,
     first_stop,
     stop_prefix_length,
 )
@@ -159,8 +160,8 @@ def test_fit_conversation_drops_oldest_pairs_and_keeps_the_system_message():
     assert messages[1]["content"] == "u1"  # the caller's list is left alone
 
 
-def feed_all(chunks: list[str], stops: tuple[str, ...]) -> tuple[list[str], ReplyFilter]:
-    reply = ReplyFilter(stops)
+def feed_all(chunks: list[str], stops: tuple[str, ...]) -> tuple[list[str], StopFilter]:
+    reply = StopFilter(stops, strip=True)
     released = [reply.feed(c) for c in chunks]
     released.append(reply.finish())
     return released, reply

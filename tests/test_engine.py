@@ -12,19 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 from peers.tiny_models import eval_ids, save_tiny_model
+from reference.generate_loop import reference_generate
 from transformers.generation.logits_process import TypicalLogitsWarper
 
 import quantpress
 from quantpress import CalibrationConfig, QuantConfig, SamplingParams
 from quantpress.errors import ConfigError, GenerationFailed, Overloaded, PromptTooLong
-from quantpress.runtime.detokenize import IncrementalDetokenizer, StopMatcher
-from quantpress.runtime.engine import Engine, GenerationParams, TokenEvent
-from quantpress.runtime.generate import generate_ids
+from quantpress.runtime.detokenize import IncrementalDetokenizer, StopFilter
+from quantpress.runtime.engine import Engine, TokenEvent
 from quantpress.runtime.loader import LoadedModel
 from quantpress.runtime.sampling import typical_p_filter
 
 PROMPT = "The king said to the"
 
+
+def greedy(max_new_tokens: int, **fields) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def engine(loaded) -> Iterator[Engine]:
         yield started
 
 
-def generate_alone(loaded: LoadedModel, prompt: list[int], params: GenerationParams) -> list[TokenEvent]:
+def generate_alone(loaded: LoadedModel, prompt: list[int], params: SamplingParams) -> list[TokenEvent]:
     with running(loaded) as engine:
         return list(engine.submit(prompt, params))
 
@@ -108,7 +111,7 @@ def same_run(a: list[TokenEvent], b: list[TokenEvent], bitwise: bool) -> bool:
 def test_greedy_batch_equals_alone(request, model, invariant):
     loaded = request.getfixturevalue(model)
     prompts = random_prompts((1, 3, 7, 16, 29, 50, 90, 130))
-    params = GenerationParams(max_new_tokens=12)
+    params = greedy(12)
     with running(loaded, max_batch_size=8, batch_invariant=invariant) as engine:
         alone = [list(engine.submit(p, params)) for p in prompts]
         # half now; the rest join while the first half is decoding
@@ -124,16 +127,16 @@ def test_greedy_batch_equals_alone(request, model, invariant):
 
 @pytest.mark.parametrize("invariant", [True, False], ids=["batch_invariant", "default"])
 def test_seeded_sampling_alone_equals_under_load(loaded, invariant):
-    target = GenerationParams(max_new_tokens=20, do_sample=True, temperature=0.8, top_k=40, top_p=0.95,
-                              typical_p=0.95, repetition_penalty=1.2, seed=1234)
+    target = SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.95,
+                            typical_p=0.95, repetition_penalty=1.2, seed=1234)
     prompt = ids_of(loaded, PROMPT)
-    others = [GenerationParams(max_new_tokens=3 + 2 * i, do_sample=i % 3 != 0, temperature=0.5 + 0.1 * i,
-                               top_k=10 * (i % 4), top_p=1.0 if i % 2 else 0.9, repetition_penalty=1.0 + 0.05 * i,
-                               seed=i, stop=("the",) if i % 5 == 0 else ()) for i in range(15)]
+    others = [SamplingParams(max_new_tokens=3 + 2 * i, temperature=0.5 + 0.1 * i if i % 3 else 0,
+                             top_k=10 * (i % 4), top_p=1.0 if i % 2 else 0.9, repetition_penalty=1.0 + 0.05 * i,
+                             seed=i, stop=("the",) if i % 5 == 0 else ()) for i in range(15)]
     other_prompts = random_prompts(tuple(2 + 9 * i for i in range(15)), seed=1)
     with running(loaded, batch_invariant=invariant) as engine:
         alone = list(engine.submit(prompt, target))
-        reseeded = list(engine.submit(prompt, GenerationParams(**{**target.__dict__, "seed": 99})))
+        reseeded = list(engine.submit(prompt, SamplingParams(**{**target.__dict__, "seed": 99})))
         early = [engine.submit(p, o) for p, o in zip(other_prompts[:8], others[:8])]
         stream = engine.submit(prompt, target)
         first = next(iter(stream))
@@ -146,19 +149,19 @@ def test_seeded_sampling_alone_equals_under_load(loaded, invariant):
 
 
 def test_unseeded_request_reports_a_reproducible_seed(engine, loaded):
-    params = GenerationParams(max_new_tokens=10, do_sample=True)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
     stream = engine.submit(ids_of(loaded, PROMPT), params)
     first = list(stream)
-    again = list(engine.submit(ids_of(loaded, PROMPT), GenerationParams(max_new_tokens=10, do_sample=True,
-                                                                         seed=stream.seed)))
+    again = list(engine.submit(ids_of(loaded, PROMPT), SamplingParams(max_new_tokens=10, temperature=1.0,
+                                                                       seed=stream.seed)))
     assert trace(first) == trace(again)
 
 
 def test_greedy_matches_the_reference_generate_loop(engine, loaded):
     text = (quantpress.bundled_model_dir().parents[1] / "data" / "tinyshakespeare" / "input.txt").read_text()[:2000]
     for prompt in (ids_of(loaded, PROMPT), ids_of(loaded, text)[:300]):  # 300: prefilled in 3 chunks
-        ours = [e.id for e in engine.submit(prompt, GenerationParams(max_new_tokens=24))]
-        ref = list(generate_ids(loaded, torch.tensor(prompt), SamplingParams(max_new_tokens=24, temperature=0)))
+        ours = [e.id for e in engine.submit(prompt, greedy(24))]
+        ref = reference_generate(loaded, prompt, greedy(24))
         assert ours == ref
 
 
@@ -169,14 +172,14 @@ def test_other_architectures_match_the_reference_loop(tmp_path, arch):
     with running(loaded) as engine:
         for n in (5, 150):
             prompt = eval_ids(1, n, seed=n)[0].tolist()
-            ours = [e.id for e in engine.submit(prompt, GenerationParams(max_new_tokens=30))]
-            ref = list(generate_ids(loaded, torch.tensor(prompt), SamplingParams(max_new_tokens=30, temperature=0)))
+            ours = [e.id for e in engine.submit(prompt, greedy(30))]
+            ref = reference_generate(loaded, prompt, greedy(30))
             assert ours == ref[: len(ours)]  # the reference yields past EOS ids the tokenizer lacks
 
 
 # -- events, texts and finish reasons -------------------------------------------------------------
 def test_length_finish_and_streamed_texts(engine, loaded):
-    stream = engine.submit(ids_of(loaded, PROMPT), GenerationParams(max_new_tokens=5))
+    stream = engine.submit(ids_of(loaded, PROMPT), greedy(5))
     events = list(stream)
     assert len(events) == 5 and events[-1].finish_reason == "length"
     assert stream.prompt_tokens == len(ids_of(loaded, PROMPT))
@@ -185,28 +188,28 @@ def test_length_finish_and_streamed_texts(engine, loaded):
 
 
 def test_eos_token_finish(loaded):
-    greedy = [e.id for e in generate_alone(loaded, ids_of(loaded, PROMPT), GenerationParams(max_new_tokens=12))]
-    k = next(i for i in range(2, 12) if greedy[i] not in greedy[:i])  # first token not seen before
+    expected = [e.id for e in generate_alone(loaded, ids_of(loaded, PROMPT), greedy(12))]
+    k = next(i for i in range(2, 12) if expected[i] not in expected[:i])  # first token not seen before
     # The tiny model practically never emits </s>; declaring the greedy k-th token an EOS id makes
     # generation reach an EOS deterministically, through the same path as a real one.
     with_eos = quantpress.load(quantpress.bundled_model_dir())
-    with_eos.model.generation_config.eos_token_id = [2, greedy[k]]
-    events = generate_alone(with_eos, ids_of(loaded, PROMPT), GenerationParams(max_new_tokens=12))
+    with_eos.model.generation_config.eos_token_id = [2, expected[k]]
+    events = generate_alone(with_eos, ids_of(loaded, PROMPT), greedy(12))
     last = events[-1]
-    assert [e.id for e in events] == greedy[: k + 1]
-    assert last.finish_reason == "eos_token" and last.special and last.text == loaded.tokenizer.decode([greedy[k]])
+    assert [e.id for e in events] == expected[: k + 1]
+    assert last.finish_reason == "eos_token" and last.special and last.text == loaded.tokenizer.decode([expected[k]])
     check_texts(events, loaded.tokenizer)
-    assert last.generated_text == loaded.tokenizer.decode(greedy[:k])
+    assert last.generated_text == loaded.tokenizer.decode(expected[:k])
 
 
 def test_stop_sequence_spanning_tokens_is_kept_in_the_text(engine, loaded):
     prompt = ids_of(loaded, PROMPT)
-    texts = [e.text for e in engine.submit(prompt, GenerationParams(max_new_tokens=30))]
+    texts = [e.text for e in engine.submit(prompt, greedy(30))]
     # a stop string made of the end of token k-1 and the start of token k, first seen at token k
     k, stop = next((k, texts[k - 1][-2:] + texts[k][:2]) for k in range(3, 30)
                    if len(texts[k - 1]) >= 2 and len(texts[k]) >= 2
                    and texts[k - 1][-2:] + texts[k][:2] not in "".join(texts[:k]))
-    events = list(engine.submit(prompt, GenerationParams(max_new_tokens=30, stop=("never-there", stop))))
+    events = list(engine.submit(prompt, greedy(30, stop=("never-there", stop))))
     assert len(events) == k + 1 and events[-1].finish_reason == "stop_sequence"
     assert events[-1].generated_text == "".join(texts[: k + 1]) and stop in events[-1].generated_text
     check_texts(events, loaded.tokenizer)
@@ -223,18 +226,24 @@ def test_detokenizer_holds_back_partial_characters(loaded):
     assert "" in pieces and not any("\ufffd" in p for p in pieces)  # some byte tokens were held back
 
 
-def test_stop_matcher_finds_strings_across_and_inside_pieces():
-    matcher = StopMatcher(("STOP", "x"))
-    assert [matcher.feed(p) for p in ["ab", "cS", "TO", "Pz"]] == [False, False, False, True]
-    assert StopMatcher(("end",)).feed("the ending")  # inside one piece, followed by more text
-    assert not StopMatcher(()).feed("anything")
+def test_stop_filter_finds_strings_across_and_inside_pieces():
+    def stopped_after(stops: tuple[str, ...], pieces: list[str]) -> list[bool]:
+        found, flags = StopFilter(stops), []
+        for piece in pieces:
+            found.feed(piece)
+            flags.append(found.stopped)
+        return flags
+
+    assert stopped_after(("STOP", "x"), ["ab", "cS", "TO", "Pz"]) == [False, False, False, True]
+    assert stopped_after(("end",), ["the ending"]) == [True]  # inside one piece, followed by more text
+    assert stopped_after((), ["anything"]) == [False]
 
 
 # -- admission, cancellation, errors ------------------------------------------------------------------
 def test_overloaded_then_accepting_again(loaded):
     engine = Engine(loaded, max_batch_size=2, max_concurrent_requests=3)
     try:
-        params = GenerationParams(max_new_tokens=4)
+        params = greedy(4)
         streams = [engine.submit([5, 6, 7], params) for _ in range(3)]
         with pytest.raises(Overloaded, match="max_concurrent_requests=3"):
             engine.submit([5, 6, 7], params)
@@ -252,8 +261,8 @@ def test_overloaded_then_accepting_again(loaded):
 
 def test_cancel_frees_the_slot_for_a_waiting_request(loaded):
     with running(loaded, max_batch_size=1) as engine:
-        long = engine.submit([5, 6, 7], GenerationParams(max_new_tokens=400))
-        short = engine.submit([8, 9], GenerationParams(max_new_tokens=3))
+        long = engine.submit([5, 6, 7], greedy(400))
+        short = engine.submit([8, 9], greedy(3))
         events = iter(long)
         next(events), next(events)
         assert engine.stats.queue_size == 1  # the short request waits for the only slot
@@ -265,7 +274,7 @@ def test_cancel_frees_the_slot_for_a_waiting_request(loaded):
 
 
 def test_kv_caches_are_freed_when_a_sequence_leaves(engine):
-    stream = engine.submit([5, 6, 7], GenerationParams(max_new_tokens=400))
+    stream = engine.submit([5, 6, 7], greedy(400))
     next(iter(stream))
     assert wait_until(lambda: engine.stats.kv_cache_bytes > 0)
     stream.cancel()
@@ -275,26 +284,26 @@ def test_kv_caches_are_freed_when_a_sequence_leaves(engine):
 def test_cancel_a_waiting_request(loaded):
     engine = Engine(loaded, max_batch_size=1, max_concurrent_requests=1)
     try:
-        stream = engine.submit([5, 6], GenerationParams(max_new_tokens=3))
+        stream = engine.submit([5, 6], greedy(3))
         stream.cancel()
         engine.start()
         assert list(stream) == []
-        assert list(engine.submit([5, 6], GenerationParams(max_new_tokens=2)))[-1].index == 2  # slot is free
+        assert list(engine.submit([5, 6], greedy(2)))[-1].index == 2  # slot is free
     finally:
         engine.close()
 
 
 def test_rejects_too_long_prompts_and_bad_params(engine):
     with pytest.raises(PromptTooLong, match="limit of 512"):
-        engine.submit(list(range(3, 503)), GenerationParams(max_new_tokens=20))
-    engine.submit(list(range(3, 503)), GenerationParams(max_new_tokens=10))  # exactly 512 fits
+        engine.submit(list(range(3, 503)), greedy(20))
+    engine.submit(list(range(3, 503)), greedy(10))  # exactly 512 fits
     with pytest.raises(ConfigError):
-        engine.submit([], GenerationParams(max_new_tokens=1))
-    for bad in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"typical_p": 1.5},
+        engine.submit([], greedy(1))
+    for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"typical_p": 1.5},
                 {"top_k": -1}, {"repetition_penalty": 0.0}, {"seed": -1}, {"stop": ("",)},
                 {"temperature": float("inf")}, {"repetition_penalty": float("inf")}, {"temperature": float("nan")}):
         with pytest.raises(ConfigError):
-            GenerationParams(**{"max_new_tokens": 1, **bad})
+            SamplingParams(**{"max_new_tokens": 1, **bad})
 
 
 def test_model_error_fails_the_streams_of_that_forward(engine, loaded):
@@ -303,34 +312,34 @@ def test_model_error_fails_the_streams_of_that_forward(engine, loaded):
 
     handle = loaded.model.model.layers[1].register_forward_hook(fault)
     try:
-        stream = engine.submit([5, 6], GenerationParams(max_new_tokens=3))
+        stream = engine.submit([5, 6], greedy(3))
         with pytest.raises(GenerationFailed, match="RuntimeError: injected fault"):
             list(stream)
     finally:
         handle.remove()
     assert engine.stats.batch_size == 0
-    assert list(engine.submit([5, 6], GenerationParams(max_new_tokens=3)))[-1].finish_reason == "length"
+    assert list(engine.submit([5, 6], greedy(3)))[-1].finish_reason == "length"
     with pytest.raises(ConfigError, match="vocabulary"):
-        engine.submit([5, 4096], GenerationParams(max_new_tokens=3))
+        engine.submit([5, 4096], greedy(3))
 
 
 def test_close_fails_pending_streams(loaded):
     engine = Engine(loaded, max_batch_size=1)
     engine.start()
-    streams = [engine.submit([5, 6, 7], GenerationParams(max_new_tokens=300)) for _ in range(3)]
+    streams = [engine.submit([5, 6, 7], greedy(300)) for _ in range(3)]
     next(iter(streams[0]))
     engine.close()
     for s in streams:
         with pytest.raises(GenerationFailed, match="server shutting down"):
             list(s)
     with pytest.raises(GenerationFailed, match="server shutting down"):
-        engine.submit([5], GenerationParams(max_new_tokens=1))
+        engine.submit([5], greedy(1))
 
 
 # -- prompt log-probabilities -------------------------------------------------------------------------
 def test_prompt_logprobs_equal_a_plain_forward_while_decoding(engine, loaded):
     prompt = ids_of(loaded, "To be, or not to be, that is the question")
-    busy = [engine.submit(p, GenerationParams(max_new_tokens=30)) for p in random_prompts((5, 9, 12))]
+    busy = [engine.submit(p, greedy(30)) for p in random_prompts((5, 9, 12))]
     got = engine.prompt_logprobs(prompt)
     with torch.inference_mode():
         logp = loaded.model(input_ids=torch.tensor([prompt])).logits[0].log_softmax(-1)
@@ -345,7 +354,7 @@ def test_async_iteration_with_32_concurrent_streams(engine, loaded):
     prompts = random_prompts(tuple(1 + i for i in range(32)), seed=3)
 
     async def consume(prompt: list[int]) -> list[TokenEvent]:
-        return [e async for e in engine.submit(prompt, GenerationParams(max_new_tokens=6))]
+        return [e async for e in engine.submit(prompt, greedy(6))]
 
     async def main() -> tuple[list[list[TokenEvent]], int]:
         ticks = 0
@@ -371,7 +380,7 @@ def test_async_iteration_with_32_concurrent_streams(engine, loaded):
 
 
 def test_idle_scheduler_burns_no_cpu(engine):
-    list(engine.submit([5, 6], GenerationParams(max_new_tokens=2)))
+    list(engine.submit([5, 6], greedy(2)))
     [thread] = [t for t in threading.enumerate() if t.name == "quantpress-engine"]
     before = _thread_cpu_seconds(thread.native_id)
     time.sleep(0.5)

@@ -38,6 +38,8 @@ import quantpress
 from peers import regenerate_fixtures as regen
 from peers import tiny_models
 from quantpress.config import CalibrationConfig, QuantConfig, recommended
+from quantpress.runtime.kernels import int4_layout
+from quantpress.runtime.qlinear import QuantLinear
 
 LOGIT_ATOL = 0.05  # fp32 dequant (quantpress) vs GPTQModel's fp16 dequant; see module docstring
 EXACT_ATOL = 1e-4  # same arithmetic, only matmul summation order may differ across CPUs
@@ -184,7 +186,9 @@ def fixture(name: str) -> Fixture:
 
 @lru_cache(maxsize=None)
 def quantpress_loaded(path: Path) -> quantpress.LoadedModel:
-    return quantpress.load(path, dtype=torch.float32)
+    """Exact dequantization: these tests check how the files are read (the bf16 decode kernels
+    are checked against this path in test_kernels.py)."""
+    return quantpress.load(path, dtype=torch.float32, exact=True)
 
 
 FIXTURE_NAMES = [f.name for f in regen.FIXTURES]
@@ -287,6 +291,33 @@ def test_quantpress_dequant_is_bit_exact(name: str) -> None:
         assert torch.equal(state[key].float(), value.float()), key
 
 
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+@torch.inference_mode()
+def test_every_fixture_runs_on_the_packed_cpu_kernels(name: str) -> None:
+    """The default load (no `exact`) packs every layer for this CPU's int kernels, whoever wrote
+    the file (v1 or v2 zeros, act-order, 2-8 bits), and decode-sized inputs agree with the
+    independent exact decode within the bf16 kernels' error."""
+    if int4_layout() is None:
+        pytest.skip("torch's CPU int4 kernel layout is unknown here")
+    fx = fixture(name)
+    model = quantpress.load(fx.ckpt.path, dtype=torch.float32).model
+    kinds = {type(m.kernel).__name__ for m in model.modules() if isinstance(m, QuantLinear)}
+    per_channel_8bit = fx.spec.bits == 8 and fx.spec.group_size == -1
+    assert kinds == {"Int8Kernel" if per_channel_8bit else "TiledKernel" if fx.spec.bits == 8 else "Int4Kernel"}
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for prefix in fx.ckpt.quantized_prefixes:
+        module = model.get_submodule(prefix)
+        w = fx.ckpt.decode(prefix).dequantize(torch.float32).double()  # [N, K]
+        xs = x if x.shape[1] == w.shape[1] else torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(1))
+        bias = fx.ckpt.tensors.get(f"{prefix}.bias")
+        expected = xs.double() @ w.t() + (0 if bias is None else bias.double())
+        rel = ((module(xs).double() - expected).norm() / expected.norm()).item()
+        assert rel < 1e-2, f"{prefix}: relative error {rel}"
+    fast = logits_of(model, fx.input_ids)
+    exact = logits_of(quantpress_loaded(fx.ckpt.path).model, fx.input_ids)
+    assert max_abs(fast, exact) < 0.05 * exact.abs().max()
+
+
 def test_tolerance_separates_fp16_rounding_from_decoding_bugs() -> None:
     """Negative control for LOGIT_ATOL: on the 8-bit fixture (smallest zero step of all) reading
     v1 zeros as v2 moves the logits by > 3, against <= 0.0185 for the benign fp16 rounding."""
@@ -376,7 +407,7 @@ def test_quantpress_checkpoint_loads_in_gptqmodel(case: str, request: pytest.Fix
     theirs = load_file(str(tmp_path / "logits.safetensors"))["logits"]
     ids = load_file(str(ids_file))["input_ids"]
 
-    ours = logits_of(quantpress.load(out, dtype=torch.float32).model, ids)
+    ours = logits_of(quantpress.load(out, dtype=torch.float32, exact=True).model, ids)
     assert max_abs(ours, theirs) <= LOGIT_ATOL
     # GPTQModel decoded quantpress's integers, zeros and g_idx exactly as the spec says.
     assert max_abs(logits_of(dense_reference(ckpt, dequant_dtype=torch.float16), ids), theirs) <= EXACT_ATOL

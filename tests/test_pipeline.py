@@ -51,7 +51,7 @@ def test_round_trip_is_bit_identical(request, tmp_path, examples, model_fixture,
     src = request.getfixturevalue(model_fixture)
     report = quantpress.quantize(src, tmp_path / "out", quant, CALIB, examples=examples)
     reference, results = in_memory_quantized(src, quant, examples)
-    loaded = quantpress.load(report.out_dir)
+    loaded = quantpress.load(report.out_dir, exact=True)
 
     for name, expected in results.items():
         module = loaded.model.get_submodule(name)
@@ -145,7 +145,8 @@ def test_every_family_in_the_table_round_trips(tmp_path, examples, arch):
     reference, _ = in_memory_quantized(src, quant, examples)
     ids = eval_ids(2, 48)  # longer than mistral's 32-token sliding window
     with torch.inference_mode():
-        assert torch.equal(quantpress.load(out).model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        assert torch.equal(quantpress.load(out, exact=True).model(input_ids=ids).logits,
+                           reference(input_ids=ids).logits)
 
 
 def test_quantized_logits_approach_full_precision_as_bits_grow(tmp_path, tiny_llama, examples):
@@ -174,7 +175,7 @@ def test_autogptq_folder_layout_loads(tmp_path, tiny_llama, examples):
         "sym": True, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": None,
     }))
     reference, _ = in_memory_quantized(tiny_llama, quant, examples)
-    loaded = quantpress.load(out)
+    loaded = quantpress.load(out, exact=True)
     assert loaded.format_info.checkpoint_format.value == "gptq" and loaded.format_info.desc_act
     ids = eval_ids(2, 32)
     with torch.inference_mode():

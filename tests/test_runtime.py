@@ -12,8 +12,9 @@ from peers.tiny_models import eval_ids
 from quantpress import CalibrationConfig, QuantConfig, SamplingParams
 from quantpress.errors import ConfigError, PromptTooLong
 from quantpress.evaluation import perplexity
-from quantpress.runtime.generate import generate_ids
+from quantpress.runtime.engine import Engine
 from quantpress.runtime.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
+from reference.generate_loop import reference_generate
 
 
 def test_perplexity_follows_the_paper_protocol(tiny_llama):
@@ -41,13 +42,17 @@ def test_sampling_filters():
 
 
 def test_greedy_generation_matches_transformers(tiny_llama):
+    """The reference loop (the oracle of every generation path) and the engine agree with transformers."""
     loaded = quantpress.load(tiny_llama)
     prompt = eval_ids(1, 12)[0]
-    ours = list(generate_ids(loaded, prompt, SamplingParams(max_new_tokens=20, temperature=0)))
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    oracle = reference_generate(loaded, prompt.tolist(), params)
     with torch.inference_mode():
         ref = loaded.model.generate(prompt[None], max_new_tokens=20, do_sample=False, eos_token_id=None,
                                     pad_token_id=3)[0, 12:].tolist()
-    assert ours == ref[: len(ours)]
+    assert oracle == ref[: len(oracle)]
+    with Engine(loaded) as engine:
+        assert [e.id for e in engine.submit(prompt.tolist(), params)] == oracle
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(tmp_path, tiny_llama, examples):
@@ -64,7 +69,8 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(tmp_path, tiny_llama
 
 def test_prompt_longer_than_the_model_allows(tiny_llama):
     loaded = quantpress.load(tiny_llama)
+    long_prompt = " ".join(f"t{4 + i % 100}" for i in range(250))
     with pytest.raises(PromptTooLong, match="exceeds the model's limit of 256"):
-        list(generate_ids(loaded, eval_ids(1, 250)[0], SamplingParams(max_new_tokens=10)))
+        quantpress.generate(loaded, long_prompt, SamplingParams(max_new_tokens=10))
     with pytest.raises(ConfigError):
         SamplingParams(max_new_tokens=-1)

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from quantpress.errors import ConfigError
-from quantpress.runtime.engine import GenerationParams, next_token
 from quantpress.runtime.sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -38,18 +37,18 @@ def generators(n: int = 8):
     return (torch.Generator().manual_seed(seed) for seed in range(n))
 
 
-@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("field", ["temperature", "top_p", "typical_p", "repetition_penalty"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_sampling_params_refuse_non_finite_values(field, value):
     with pytest.raises(ConfigError, match=f"{field} must be a finite number"):
         SamplingParams(**{field: value})
 
 
-@pytest.mark.parametrize("field", ["temperature", "top_p", "typical_p", "repetition_penalty"])
-@pytest.mark.parametrize("value", [math.nan, math.inf])
-def test_generation_params_refuse_non_finite_values(field, value):
-    with pytest.raises(ConfigError, match=f"{field} must be a finite number"):
-        GenerationParams(max_new_tokens=1, **{field: value})
+def test_temperature_zero_is_the_one_greedy_convention():
+    assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=1e-300).greedy
+    assert not SamplingParams().greedy  # the default samples at 0.7
+    with pytest.raises(ConfigError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1e-300)
 
 
 def test_a_vanishing_temperature_is_greedy(logits):
@@ -58,8 +57,7 @@ def test_a_vanishing_temperature_is_greedy(logits):
     for temperature in (1e-300, 1e-45, 1e-30):
         params = SamplingParams(temperature=temperature, repetition_penalty=1.3)
         assert {sample_next(logits, seen, params, g) for g in generators()} == {greedy}
-        engine = GenerationParams(max_new_tokens=1, do_sample=True, temperature=temperature, repetition_penalty=1.3)
-        assert {next_token(logits, seen, engine, g) for g in generators()} == {greedy}
+    assert sample_next(logits, seen, SamplingParams(temperature=0, repetition_penalty=1.3), None) == greedy
 
 
 def test_temperature_shifts_the_maximum_to_zero_and_never_makes_nan(logits):
@@ -96,12 +94,12 @@ PENALTIES = [1e-308, 1.0, 1e308]
 @pytest.mark.parametrize(("temperature", "top_p", "typical_p", "penalty"),
                          list(itertools.product(TEMPERATURES, TOP_PS, TYPICAL_PS, PENALTIES)))
 def test_every_accepted_combination_samples_a_token(logits, temperature, top_p, typical_p, penalty):
-    params = GenerationParams(max_new_tokens=1, do_sample=True, temperature=temperature, top_k=50, top_p=top_p,
-                              typical_p=typical_p, repetition_penalty=penalty)
+    params = SamplingParams(max_new_tokens=1, temperature=temperature, top_k=50, top_p=top_p,
+                            typical_p=typical_p, repetition_penalty=penalty)
     seen = torch.arange(0, VOCAB, 3)
     probs = warp(apply_repetition_penalty(logits, seen, penalty), temperature, 50, top_p, typical_p).softmax(-1)
     assert torch.isfinite(probs).all() and probs.sum() == pytest.approx(1.0, abs=1e-4)
-    assert 0 <= next_token(logits, seen, params, torch.Generator().manual_seed(1)) < VOCAB
+    assert 0 <= sample_next(logits, seen, params, torch.Generator().manual_seed(1)) < VOCAB
 
 
 def test_typical_p_keeps_at_least_one_token_at_a_vanishing_mass(logits):

@@ -14,9 +14,10 @@ import pytest
 import torch
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as HubValidationError
+from reference.generate_loop import reference_generate
 from server_harness import running, tgi_events
 
-from quantpress.runtime.generate import complete
+from quantpress.runtime.engine import eos_ids
 from quantpress.runtime.sampling import SamplingParams
 from quantpress.server import ServerSettings, create_app, openai_api, tgi
 
@@ -50,13 +51,15 @@ def generate(http, inputs: str = PROMPT, path: str = "/generate", **parameters) 
 
 
 def greedy_reference(loaded, prompt: str, n: int) -> str:
-    return complete(loaded, prompt, SamplingParams(max_new_tokens=n, temperature=0)).text
+    """The reference loop's greedy text (EOS left out, as generated_text leaves it out)."""
+    ids = reference_generate(loaded, loaded.tokenizer(prompt).input_ids, SamplingParams(max_new_tokens=n, temperature=0))
+    return loaded.tokenizer.decode([i for i in ids if i not in eos_ids(loaded)], skip_special_tokens=True)
 
 
 # -- clients -----------------------------------------------------------------------------------
 
 
-def test_greedy_generation_matches_the_single_sequence_generator(http, loaded):
+def test_greedy_generation_matches_the_reference_loop(http, loaded):
     r = generate(http, max_new_tokens=12)
     assert r.status_code == 200, r.text
     assert r.json() == {"generated_text": greedy_reference(loaded, PROMPT, 12)}

@@ -7,15 +7,12 @@ from transformers import AutoTokenizer
 
 import quantpress
 from quantpress.errors import ConfigError
+from quantpress.runtime.detokenize import StopFilter, stop_prefix_length
 from quantpress.runtime.engine import TokenEvent
+from quantpress.runtime.sampling import SamplingParams
 from quantpress.server.errors import ApiError
 from quantpress.server.settings import Limits, ServerSettings, resolve_limits
-from quantpress.server.text import (
-    StreamedText,
-    cut_at_stop,
-    stop_prefix_length,
-    token_texts,
-)
+from quantpress.server.text import StreamedText, token_texts
 from quantpress.server.validation import (
     GenerateParameters,
     GenerateRequest,
@@ -58,8 +55,11 @@ def test_streamed_text_releases_everything_at_the_end():
     ("abc", ["USER:"], ("abc", False)),
     ("a ### b USER:", ["USER:", "###"], ("a ", True)),
 ])
-def test_cut_at_stop(text, stops, expected):
-    assert cut_at_stop(text, stops) == expected
+def test_stop_filter_cuts_at_the_earliest_stop(text, stops, expected):
+    cut = StopFilter(stops)
+    cut.feed(text)
+    cut.finish()
+    assert (cut.text, cut.stopped) == expected
 
 
 def test_stop_prefix_length():
@@ -78,11 +78,18 @@ def test_token_texts_rebuild_the_decoded_text():
     assert "</s>" in texts
 
 
+def samples(parameters: GenerateParameters, *, defaulted: bool) -> bool:
+    """What TGI's sampling rules make of `parameters`, in SamplingParams' terms (greedy: temperature 0)."""
+    return not SamplingParams(**sampling_parameters(parameters, defaulted=defaulted)).greedy
+
+
 def test_tgi_sampling_rules():
-    assert sampling_parameters(GenerateParameters(), defaulted=True)["do_sample"]  # no `parameters` at all
-    assert not sampling_parameters(GenerateParameters(), defaulted=False)["do_sample"]  # `parameters: {}`
-    assert sampling_parameters(GenerateParameters(top_p=0.9), defaulted=False)["do_sample"]
-    assert not sampling_parameters(GenerateParameters(temperature=1.0), defaulted=False)["do_sample"]
+    assert samples(GenerateParameters(), defaulted=True)  # no `parameters` at all
+    assert not samples(GenerateParameters(), defaulted=False)  # `parameters: {}`
+    assert samples(GenerateParameters(top_p=0.9), defaulted=False)
+    assert not samples(GenerateParameters(temperature=1.0), defaulted=False)
+    assert samples(GenerateParameters(do_sample=True), defaulted=False)
+    assert not samples(GenerateParameters(do_sample=False), defaulted=True)
 
 
 def test_tgi_length_rules():

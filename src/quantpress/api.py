@@ -42,8 +42,10 @@ class EvalResult:
     seconds: float
 
 
-def _as_loaded(model: str | Path | LoadedModel) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load(model)
+def _as_loaded(model: str | Path | LoadedModel, *, exact: bool = False) -> LoadedModel:
+    """Measurements load `exact`: they judge the quantized weights, not the bf16 decode kernels
+    (and a window's numbers then do not depend on the batch size)."""
+    return model if isinstance(model, LoadedModel) else load(model, exact=exact)
 
 
 def evaluate(
@@ -57,7 +59,7 @@ def evaluate(
 ) -> EvalResult:
     """Perplexity on a bundled set's evaluation split (wikitext-2 test) or any text file."""
     _check_eval_args(dataset, seqlen, max_windows)
-    loaded = _as_loaded(model)
+    loaded = _as_loaded(model, exact=True)
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.path} has no tokenizer; cannot tokenize the evaluation text")
     seqlen = seqlen or default_seqlen(loaded.config)
@@ -80,7 +82,8 @@ def _check_eval_args(dataset: str, seqlen: int | None, max_windows: int | None) 
 
 
 def generate(model: str | Path | LoadedModel, prompt: str, params: SamplingParams = SamplingParams()) -> Completion:
-    """Complete `prompt` with a full-precision or GPTQ model."""
+    """Complete `prompt` with a full-precision or GPTQ model (temperature 0: greedy), on the engine
+    `serve` and `chat` use: the same prompt, settings and seed give the same tokens there."""
     return complete(_as_loaded(model), prompt, params)
 
 
@@ -101,7 +104,7 @@ def compare(
     format (its chat_template): consecutive paragraphs become a user turn and the assistant's
     answer, which is how a chat model is used, special tokens and all."""
     _check_eval_args(dataset, seqlen, max_windows)
-    ref, loaded = _as_loaded(reference), _as_loaded(model)
+    ref, loaded = _as_loaded(reference, exact=True), _as_loaded(model, exact=True)
     if ref.tokenizer is None:
         raise CheckpointError(f"{ref.path} has no tokenizer; cannot tokenize the evaluation text")
     text = load_text(dataset, "evaluation")

@@ -163,7 +163,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, min=0, max=MAX_SEED),
 ) -> None:
     """Load a folder on CPU and print a completion of the prompt."""
-    params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed)
     completion = api.generate(model_dir, prompt, params)
     print(prompt + completion.text)
     console.print(f"[dim]{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}[/dim]")
@@ -270,7 +271,8 @@ def chat(
 
     loaded = api.load(model_dir)
     formatter = chat_formatter(loaded, template)
-    params = SamplingParams(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed)
     console.print(f"[dim]{model_dir.name}, prompt format {formatter.name}; /reset, /exit[/dim]")
 
     def read() -> Optional[str]:

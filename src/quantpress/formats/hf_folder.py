@@ -185,6 +185,10 @@ class TensorFiles:
     def get(self, name: str) -> torch.Tensor:
         return self.read([name])[name]
 
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's stored dtype, without reading it."""
+        return _TORCH_DTYPES[self.entry(name).dtype]
+
 
 def _open_safetensors(file: Path):
     if not file.exists():

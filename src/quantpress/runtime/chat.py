@@ -2,27 +2,22 @@
 
 The CLI wraps chat_loop with input()/stdout; tests drive it with scripted callables. Each turn the
 whole conversation is rendered in the model's format and prefilled from scratch: simple, and on
-CPU a prefill of a few hundred tokens costs about as much as decoding a handful.
+CPU a prefill of a few hundred tokens costs about as much as decoding a handful. Replies are
+requests to an engine kept for the conversation, so a reply is what the server's
+/v1/chat/completions gives for the same conversation, sampling parameters and seed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
 from quantpress.errors import CheckpointError, PromptTooLong, TemplateError
-from quantpress.runtime.detokenize import (
-    IncrementalDetokenizer,
-    first_stop,
-    stop_prefix_length,
-)
-from quantpress.runtime.generate import eos_ids, generate_ids
+from quantpress.runtime.detokenize import StopFilter
+from quantpress.runtime.engine import Engine
 from quantpress.runtime.loader import LoadedModel
-from quantpress.runtime.sampling import SamplingParams
+from quantpress.runtime.sampling import SamplingParams, with_stops
 
 EXIT, RESET = "/exit", "/reset"
 
@@ -57,6 +52,13 @@ def chat_loop(
     """
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.path} has no tokenizer files; cannot chat with it")
+    params = with_stops(params, formatter.stop)  # as the server's chat route does
+    with Engine(loaded, max_batch_size=1, max_concurrent_requests=1) as engine:
+        return _converse(engine, loaded, formatter, params, system, read, write)
+
+
+def _converse(engine: Engine, loaded: LoadedModel, formatter: Formatter, params: SamplingParams,
+              system: str | None, read: Callable[[], str | None], write: Callable[[str], None]) -> list[dict]:
     head = [{"role": "system", "content": system}] if system is not None else []
     messages = list(head)
     while (line := read()) is not None:
@@ -78,9 +80,9 @@ def chat_loop(
             continue
         if dropped:
             write(f"[context full: dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''}]\n")
-        reply = stream_reply(loaded, prompt_ids, params, formatter.stop, write)
+        reply = stream_reply(engine, prompt_ids, params, write)
         write("\n")
-        messages.append({"role": "assistant", "content": reply})
+        messages.append({"role": "assistant", "content": reply.text})
     return messages
 
 
@@ -108,64 +110,33 @@ def fit_conversation(formatter: Formatter, messages: Sequence[dict],
     return kept, ids, dropped
 
 
-def stream_reply(loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams, stops: tuple[str, ...],
-                 write: Callable[[str], None]) -> str:
-    """Generate a reply, writing text as it is decoded; returns exactly what was written: the reply
-    without surrounding whitespace, cut before the first stop string."""
-    decoder = IncrementalDetokenizer(loaded.tokenizer, prompt_ids)
-    reply = ReplyFilter(stops)
-    eos = eos_ids(loaded)
-    # closing(): a stop string ends generation early; release the generator's KV cache right away
-    with closing(generate_ids(loaded, torch.tensor(prompt_ids), params)) as tokens:
-        for token in tokens:
-            if token in eos:
-                break
-            released = reply.feed(decoder.push(token))
-            if released:
-                write(released)
-            if reply.stopped:
-                break
-    released = reply.feed(decoder.flush()) + reply.finish()  # bytes held back for an unfinished character
-    if released:
-        write(released)
-    return reply.text
+@dataclass(frozen=True)
+class Reply:
+    text: str  # exactly what was written: no surrounding whitespace, cut before the first stop string
+    token_ids: list[int]  # every generated id (EOS or the tokens of a stop string included)
+    finish_reason: str | None  # the engine's; None if the reply was interrupted
 
 
-@dataclass
-class ReplyFilter:
-    """Streams a reply while cutting it at the first stop string.
+def stream_reply(engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                 write: Callable[[str], None]) -> Reply:
+    """Generate a reply on `engine`, writing its text as it is decoded (params.stop ends it)."""
+    shown = StopFilter(params.stop, strip=True)
+    stream = engine.submit(prompt_ids, params)
+    token_ids: list[int] = []
+    finish = None
+    try:
+        for event in stream:
+            token_ids.append(event.id)
+            finish = event.finish_reason
+            if not event.special:
+                _write_some(write, shown.feed(event.text))
+    finally:
+        if finish is None:  # interrupted (Ctrl-C, a failed write): free the engine's slot
+            stream.cancel()
+    _write_some(write, shown.finish())
+    return Reply(shown.text, token_ids, finish)
 
-    Text that could be the start of a stop string is held back until the next text decides, so a
-    stop string is never shown even in part. Leading and trailing whitespace is dropped (held back
-    until more text follows), as FastChat strips replies: the reply is stored in the conversation
-    and formats such as Vicuna put their own space before it.
-    """
 
-    stops: tuple[str, ...]
-    text: str = ""  # everything released so far
-    pending: str = ""
-    stopped: bool = False
-
-    def feed(self, chunk: str) -> str:
-        """The part of `chunk` (plus what was held back) that is now safe to show."""
-        if self.stopped:
-            return ""
-        buffer = self.pending + chunk
-        if not self.text:
-            buffer = buffer.lstrip()
-        cut = first_stop(buffer, self.stops)
-        if cut is not None:
-            released, self.pending, self.stopped = buffer[:cut].rstrip(), "", True
-        else:
-            # hold a possible stop start, and the whitespace before it: it may turn out to be the end
-            keep_from = len(buffer[:len(buffer) - stop_prefix_length(buffer, self.stops)].rstrip())
-            released, self.pending = buffer[:keep_from], buffer[keep_from:]
-        self.text += released
-        return released
-
-    def finish(self) -> str:
-        """Generation ended: a held-back partial stop string is ordinary text after all."""
-        released = "" if self.stopped else self.pending.rstrip()
-        self.pending = ""
-        self.text += released
-        return released
+def _write_some(write: Callable[[str], None], text: str) -> None:
+    if text:
+        write(text)

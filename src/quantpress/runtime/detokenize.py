@@ -1,4 +1,9 @@
-"""Streaming text: incremental detokenization and stop-string matching, one token at a time."""
+"""Streaming text: incremental detokenization and stop strings, one token at a time.
+
+The one detokenizer and the one stop-string filter of every generation path: the engine uses them
+to emit token texts and to end a request at a stop string, the terminal chat and the OpenAI routes
+to show a reply cut before its stop string, and the server to give prompt tokens their texts.
+"""
 
 from __future__ import annotations
 
@@ -20,14 +25,16 @@ class IncrementalDetokenizer:
     nothing is emitted; the bytes are held back until a later token completes the character.
     """
 
-    def __init__(self, tokenizer, prompt_ids: list[int]) -> None:
+    def __init__(self, tokenizer, prompt_ids: list[int], *, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens  # False: special tokens are text too (prompt token texts)
         self._ids = list(prompt_ids[-PROMPT_CONTEXT:])
         self._prefix = 0  # window start: the first id of the last emitted group (or of the context)
         self._read = len(self._ids)  # ids before this are emitted
 
     def push(self, token_id: int) -> str:
-        """Add a generated (non-special) token; return the text it completes ("" when held back)."""
+        """Add a token; return the text it completes ("" when held back). With skip_special_tokens
+        a special token adds nothing: the engine gives those their own text."""
         self._ids.append(token_id)
         before, after = self._window_texts()
         if len(after) > len(before) and not after.endswith(INCOMPLETE):
@@ -45,29 +52,60 @@ class IncrementalDetokenizer:
         window = self._ids[self._prefix:]
         emitted = self._read - self._prefix
         decode = self._tokenizer.decode
-        return (decode(window[:emitted], skip_special_tokens=True),
-                decode(window, skip_special_tokens=True))
+        return (decode(window[:emitted], skip_special_tokens=self._skip_special),
+                decode(window, skip_special_tokens=self._skip_special))
 
 
-class StopMatcher:
-    """Reports when the generated text first contains one of the stop strings.
+class StopFilter:
+    """The generated text cut before the first stop string, released as it becomes safe to show.
 
-    Matching is on decoded text, so a stop string may span tokens or end inside one (TGI only
-    matches at the end of the text, which misses a stop string followed by more characters in the
-    same token). Only the last len(longest) - 1 characters are kept between calls.
+    Text that could still grow into a stop string is held back until the next text decides, so a
+    stop string is never shown, not even in part. Matching is on decoded text, so a stop string may
+    span tokens or end inside one (TGI only matches at the end of the text, which misses a stop
+    string followed by more characters in the same token). Only the held-back tail is searched
+    again: released text never ends in the beginning of a stop string, so none can start in it.
+
+    `strip` also drops leading and trailing whitespace (trailing whitespace is held back until more
+    text follows), as FastChat strips replies: the chat stores the reply in the conversation and
+    formats such as Vicuna put their own space before it.
     """
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._keep = max((len(s) for s in stops), default=1) - 1
-        self._tail = ""
+    def __init__(self, stops: Sequence[str], *, strip: bool = False) -> None:
+        self.stops = tuple(s for s in stops if s)  # "" would stop at once; the server drops it too
+        self.strip = strip
+        self.text = ""  # everything released so far
+        self.pending = ""  # held back: may be the beginning of a stop string (or trailing whitespace)
+        self.stopped = False
 
-    def feed(self, text: str) -> bool:
-        if not self._stops or not text:
-            return False
-        window = self._tail + text
-        self._tail = window[-self._keep:] if self._keep else ""
-        return any(stop in window for stop in self._stops)
+    def feed(self, chunk: str) -> str:
+        """The part of `chunk` (plus what was held back) that is now safe to show."""
+        if self.stopped or not chunk:
+            return ""
+        buffer = self.pending + chunk
+        cut = first_stop(buffer, self.stops)
+        if cut is not None:
+            shown, self.pending, self.stopped = buffer[:cut], "", True
+        else:
+            hold = len(buffer) - stop_prefix_length(buffer, self.stops)
+            shown, self.pending = buffer[:hold], buffer[hold:]
+        if self.strip:
+            if not self.text:
+                shown = shown.lstrip()
+            kept = shown.rstrip()
+            # the whitespace before a possible stop string may turn out to be the reply's end
+            self.pending = ("" if self.stopped else shown[len(kept):]) + self.pending
+            shown = kept
+        self.text += shown
+        return shown
+
+    def finish(self) -> str:
+        """Generation ended: a held-back partial stop string is ordinary text after all."""
+        released = "" if self.stopped else self.pending
+        if self.strip:
+            released = released.rstrip() if self.text else released.strip()
+        self.pending = ""
+        self.text += released
+        return released
 
 
 def first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -1,4 +1,9 @@
-"""Continuous-batching generation: one scheduler thread serves every request of a server.
+"""Continuous-batching generation: the one decode loop. One scheduler thread serves every request.
+
+Every generation path runs here: the server's routes submit to one long-lived engine,
+`quantpress.generate` runs its request on an engine of its own (`with Engine(loaded) as engine`),
+and the terminal chat keeps one engine for the conversation. So sampling, stop strings and token
+texts are the same wherever a request comes from.
 
 Each iteration of the scheduler
 1. retires cancelled requests and admits waiting ones (FIFO) while fewer than `max_batch_size` run;
@@ -30,9 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quantpress.errors import CheckpointError, ConfigError, GenerationFailed, Overloaded
-from quantpress.runtime.detokenize import IncrementalDetokenizer, StopMatcher
-from quantpress.runtime.generate import check_length, eos_ids
+from quantpress.errors import CheckpointError, ConfigError, GenerationFailed, Overloaded, PromptTooLong
+from quantpress.runtime.detokenize import IncrementalDetokenizer, StopFilter
 from quantpress.runtime.loader import LoadedModel
 from quantpress.runtime.ragged import (
     BATCH_INVARIANT_ROWS,
@@ -40,10 +44,10 @@ from quantpress.runtime.ragged import (
     install_ragged_attention,
     ragged_forward,
 )
-from quantpress.runtime.sampling import MAX_SEED, apply_repetition_penalty, check_finite, warp
+from quantpress.runtime.sampling import SamplingParams, sample_next
 from quantpress.runtime.stream import Stream, TokenEvent
 
-__all__ = ["Engine", "EngineStats", "GenerationParams", "Stream", "TokenEvent"]
+__all__ = ["Engine", "EngineStats", "SamplingParams", "Stream", "TokenEvent", "check_length", "eos_ids"]
 
 SHUTTING_DOWN = "server shutting down"
 PREFILL_CHUNK = 128  # prompt tokens per sequence per step
@@ -51,36 +55,22 @@ MAX_STEP_ROWS = 256  # tokens per step: bounds the step time the decoding sequen
 MAX_BATCH_SIZE = MAX_STEP_ROWS - PREFILL_CHUNK  # so one prompt chunk always fits beside the decode rows
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int
-    do_sample: bool = False  # False: greedy (argmax after the repetition penalty)
-    temperature: float = 1.0
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0  # 1.0 disables
-    typical_p: float = 1.0  # 1.0 disables
-    repetition_penalty: float = 1.0  # over prompt + generated ids; 1.0 disables
-    seed: int | None = None  # None: the engine draws one (Stream.seed)
-    stop: tuple[str, ...] = ()  # stop strings, matched on the generated text and kept in it
+def eos_ids(loaded: LoadedModel) -> set[int]:
+    """The ids that end generation: generation_config's EOS id(s) and the tokenizer's."""
+    ids = loaded.model.generation_config.eos_token_id if loaded.model.generation_config else None
+    ids = list(ids) if isinstance(ids, list) else [ids]
+    if loaded.tokenizer is not None and loaded.tokenizer.eos_token_id is not None:
+        ids.append(loaded.tokenizer.eos_token_id)
+    return {i for i in ids if i is not None}
 
-    def __post_init__(self) -> None:
-        # The server validates with TGI's messages first; this only guards direct callers.
-        object.__setattr__(self, "stop", tuple(self.stop))
-        check_finite(temperature=self.temperature, top_p=self.top_p, typical_p=self.typical_p,
-                     repetition_penalty=self.repetition_penalty)
-        checks = [
-            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0 < self.typical_p <= 1, f"typical_p must be in (0, 1], got {self.typical_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2**64), got {self.seed}"),
-            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+
+def check_length(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    limit = loaded.max_length
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise PromptTooLong(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"limit of {limit} tokens; shorten the prompt or lower max_new_tokens"
+        )
 
 
 @dataclass(frozen=True)
@@ -95,7 +85,7 @@ class EngineStats:
 class _Sequence:
     """The scheduler's state of one request."""
 
-    def __init__(self, prompt: list[int], params: GenerationParams, stream: Stream, tokenizer) -> None:
+    def __init__(self, prompt: list[int], params: SamplingParams, stream: Stream, tokenizer) -> None:
         self.prompt = prompt
         self.params = params
         self.stream = stream
@@ -104,7 +94,7 @@ class _Sequence:
         self.kv = SequenceKV(len(prompt) + params.max_new_tokens)
         self.generator = torch.Generator().manual_seed(stream.seed)
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt)
-        self.stops = StopMatcher(params.stop)
+        self.stops = StopFilter(params.stop)  # only its `stopped` is read: the text keeps the stop string
 
     def seen(self) -> Tensor:
         return torch.tensor(self.prompt + self.generated)
@@ -121,15 +111,6 @@ class _Sequence:
     def wants_token(self) -> bool:
         """Everything known is in the cache: the last forward's logits give the next token."""
         return self.kv.length == len(self.prompt) + len(self.generated)
-
-
-def next_token(logits: Tensor, seen: Tensor, params: GenerationParams, generator: torch.Generator) -> int:
-    """One sequence's next token from its fp32 `logits` [vocab]."""
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if not params.do_sample:
-        return int(logits.argmax())
-    logits = warp(logits, params.temperature, params.top_k, params.top_p, params.typical_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
 class Engine:
@@ -166,6 +147,14 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     # -- public interface -------------------------------------------------------------------
+    def __enter__(self) -> Engine:
+        """`with Engine(loaded) as engine:` runs the scheduler for the block (one-request users)."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def start(self) -> None:
         """Start the scheduler thread (a daemon); idempotent."""
         with self._lock:
@@ -193,11 +182,11 @@ class Engine:
             seq.kv.release()
             seq.stream.fail(SHUTTING_DOWN)
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Stream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
         """Queue a request. Raises Overloaded when max_concurrent_requests are waiting or running,
         PromptTooLong when the prompt plus max_new_tokens exceed the model's context."""
-        if not isinstance(params, GenerationParams):
-            raise ConfigError(f"params must be GenerationParams, got {type(params).__name__}")
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"params must be SamplingParams, got {type(params).__name__}")
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise ConfigError("prompt_ids is empty: generation needs at least one prompt token")
@@ -319,7 +308,7 @@ class Engine:
     def _advance(self, seq: _Sequence, logits: Tensor) -> None:
         """Choose `seq`'s next token from its logits [vocab], emit it, retire `seq` if finished."""
         seen = seq.seen() if seq.params.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
-        token = next_token(logits, seen, seq.params, seq.generator)
+        token = sample_next(logits, seen, seq.params, seq.generator)
         logprob = float(logits[token] - logits.logsumexp(-1))
         seq.generated.append(token)
         special = token in self._special
@@ -342,8 +331,10 @@ class Engine:
         # ends exactly at the limit still reports that it ended
         if token in self._eos:
             return "eos_token"
-        if not special and seq.stops.feed(text):
-            return "stop_sequence"
+        if not special:
+            seq.stops.feed(text)
+            if seq.stops.stopped:
+                return "stop_sequence"
         if len(seq.generated) >= seq.params.max_new_tokens:
             return "length"
         return None

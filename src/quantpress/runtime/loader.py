@@ -19,7 +19,8 @@ from quantpress.formats.gptq_config import GPTQFormatInfo, read_format_info
 from quantpress.formats.hf_folder import ModelFolder, has_tokenizer, load_tokenizer, read_json
 from quantpress.models.arch import architecture_for
 from quantpress.models.skeleton import assign_weights, build_on_meta, hf_config, materialize_buffers
-from quantpress.runtime.qlinear import swap_linears
+from quantpress.runtime.qlinear import pack_all, swap_linears
+from quantpress.runtime.stored_dtype import keep_stored_dtype
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -46,11 +47,19 @@ def read_quantization(folder: ModelFolder) -> GPTQFormatInfo | None:
     return read_format_info(folder.config, quantize_config)
 
 
-def load(path: str | Path, *, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> LoadedModel:
-    """Load a model folder for inference on CPU; GPTQ weights stay packed in memory."""
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, tokenizer: bool = True,
+         exact: bool = False) -> LoadedModel:
+    """Load a model folder for inference on CPU; GPTQ weights stay packed in memory, and the
+    embedding and head stay in the checkpoint's dtype (runtime/stored_dtype.py).
+
+    Quantized Linears run this CPU's int kernels for few rows (decode) with bf16 activations and
+    dequantize exactly for many rows (runtime/kernels.py). `exact=True` dequantizes at every call,
+    so logits equal the fake-quantized model's bit for bit (tests, reference evaluations)."""
     folder = ModelFolder(path)
     info = read_quantization(folder)
     model = build_on_meta(hf_config(folder.config), dtype)
+    if info is not None:
+        keep_stored_dtype(model, _stored_dtypes(folder, model), dtype, exact)
     state = folder.read(folder.names())
     if info is not None:
         architecture_for(folder.config)  # clear error for an unsupported family
@@ -62,12 +71,21 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, tokenizer: boo
         _fill_default_g_idx(model, state, quantized, info)
     tied = _tied_keys(model)
     assign_weights(model, state, str(folder.path), allow_missing=tied)
+    del state  # the model holds the tensors now; packing below frees each layer's checkpoint copy
+    pack_all(model, exact=exact)
     if tied:
         model.tie_weights()
     materialize_buffers(model)
     _check_materialized(model, Path(path))
     tok = load_tokenizer(folder.path) if tokenizer and has_tokenizer(folder.path) else None
     return LoadedModel(model, tok, Path(path), folder.config, info)
+
+
+def _stored_dtypes(folder: ModelFolder, model: nn.Module) -> dict[str, torch.dtype]:
+    """{module name: checkpoint dtype} for the model's input embedding and output head."""
+    names = {module: name for name, module in model.named_modules()}
+    wanted = [names[m] for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m in names]
+    return {name: folder.dtype(f"{name}.weight") for name in wanted if f"{name}.weight" in folder.file_of}
 
 
 def _fill_default_g_idx(model: nn.Module, state: dict, names: list[str], info: GPTQFormatInfo) -> None:

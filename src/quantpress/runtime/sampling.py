@@ -1,4 +1,9 @@
-"""Token sampling: temperature, top-k, top-p, typical-p, repetition penalty — small pure functions.
+"""Token sampling: the one parameter type and the one sampler every generation path uses.
+
+`SamplingParams` is what `quantpress.generate`, the terminal chat and the server (TGI and OpenAI
+routes alike) hand to the engine; temperature 0 means greedy everywhere. The server maps TGI's
+`do_sample` onto that at its edge. `sample_next` applies the repetition penalty, then either takes
+the argmax or warps (temperature, top-k, top-p, typical-p) and draws.
 
 Each request carries its own `torch.Generator`, so a seeded request samples the same tokens
 whatever else runs in the process (no global RNG state).
@@ -12,7 +17,8 @@ always a distribution.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -37,31 +43,44 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit see
 
 @dataclass(frozen=True)
 class SamplingParams:
+    # The first six fields keep their order: callers construct this positionally.
     max_new_tokens: int = 128
-    temperature: float = 0.7  # 0 means greedy
+    temperature: float = 0.7  # 0 means greedy (argmax after the repetition penalty)
     top_p: float = 1.0  # nucleus mass kept; 1.0 disables
     top_k: int = 0  # 0 disables
-    repetition_penalty: float = 1.0  # CTRL-style; 1.0 disables
-    seed: int | None = None
+    repetition_penalty: float = 1.0  # CTRL-style, over prompt + generated ids; 1.0 disables
+    seed: int | None = None  # None: the engine draws one (Stream.seed)
+    typical_p: float = 1.0  # locally typical mass kept; 1.0 disables
+    stop: tuple[str, ...] = ()  # stop strings: generation ends once the generated text contains one
 
     def __post_init__(self) -> None:
-        check_finite(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty)
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"seed must be in [0, 2**64), got {self.seed}")
+        # The server validates with TGI's and OpenAI's messages first; these guard direct callers.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        check_finite(temperature=self.temperature, top_p=self.top_p, typical_p=self.typical_p,
+                     repetition_penalty=self.repetition_penalty)
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.typical_p <= 1, f"typical_p must be in (0, 1], got {self.typical_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2**64), got {self.seed}"),
+            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def with_stops(params: SamplingParams, stops: Sequence[str]) -> SamplingParams:
+    """`params` that also stop at `stops` (a prompt format's, e.g. "USER:"), which come first: how
+    the terminal chat and the server's chat route add the format's stop strings to the caller's."""
+    return replace(params, stop=tuple(dict.fromkeys(s for s in [*stops, *params.stop] if s)))
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -137,9 +156,10 @@ def warp(logits: Tensor, temperature: float, top_k: int, top_p: float, typical_p
 
 
 def sample_next(logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Choose the next token from 1-D `logits` [vocab] given the token ids `seen` so far."""
+    """Choose the next token from 1-D `logits` [vocab] given the token ids `seen` so far (an empty
+    tensor is enough when there is no repetition penalty)."""
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.greedy:
         return int(logits.argmax())
-    logits = warp(logits, params.temperature, params.top_k, params.top_p, typical_p=1.0)
+    logits = warp(logits, params.temperature, params.top_k, params.top_p, params.typical_p)
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

@@ -20,7 +20,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 import quantpress
-from quantpress.runtime.engine import GenerationParams, TokenEvent
+from quantpress.runtime.engine import SamplingParams, TokenEvent
+from quantpress.runtime.sampling import with_stops
 from quantpress.server.body import StrictJsonRoute
 from quantpress.server.errors import (
     ApiError,
@@ -49,8 +50,8 @@ from quantpress.server.text import StreamedText, token_texts
 from quantpress.server.tgi import CLIENT_CLOSED
 from quantpress.server.validation import (
     encode,
-    generation_params,
     resolve_max_new_tokens,
+    sampling_params,
 )
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
@@ -103,9 +104,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     prompt_ids = await state.off_loop(state.formatter.encode, message_dicts(body.messages), add_generation_prompt=True)
     max_new_tokens = resolve_max_new_tokens(body.max_completion_tokens or body.max_tokens, len(prompt_ids),
                                             state.limits)
-    # Stop strings of the prompt format (e.g. "USER:") come first; the client's are added to them.
-    stops = tuple(dict.fromkeys([*state.formatter.stop, *stop_strings(body, state.limits)]))
-    params = generation_params(max_new_tokens=max_new_tokens, seed=body.seed, stop=stops, **sampling(body))
+    # Stop strings of the prompt format (e.g. "USER:") come first, as in the terminal chat.
+    requested = sampling_params(max_new_tokens=max_new_tokens, seed=body.seed,
+                                stop=tuple(stop_strings(body, state.limits)), **sampling(body))
+    params = with_stops(requested, state.formatter.stop)
+    stops = params.stop
     state.metrics.request_validated(len(prompt_ids), max_new_tokens)
     timer.mark_validated()
     generation = state.start(prompt_ids, params, timer)
@@ -218,7 +221,7 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     for p, n in zip(prompts, plans):
         state.metrics.request_validated(len(p.ids), n)
     timer.mark_validated()
-    params = [generation_params(max_new_tokens=n, seed=body.seed, stop=stops, **knobs) if n else None for n in plans]
+    params = [sampling_params(max_new_tokens=n, seed=body.seed, stop=stops, **knobs) if n else None for n in plans]
     generations = start_all(state, prompts, params, timer)
     env = envelope("cmpl", "text_completion", state)
     if body.stream:
@@ -244,7 +247,7 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
     return JSONResponse(env.wrap(choices, usage(sum(len(p.ids) for p in prompts), generated)))
 
 
-def start_all(state: ServerState, prompts: list[Prompt], params: list[GenerationParams | None],
+def start_all(state: ServerState, prompts: list[Prompt], params: list[SamplingParams | None],
               timer: RequestTimer) -> list[Generation | None]:
     """Queue every prompt that generates (params None: max_tokens 0); if one is refused, withdraw
     the ones already queued."""

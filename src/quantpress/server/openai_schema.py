@@ -1,7 +1,8 @@
-"""OpenAI request bodies, and how their sampling fields map onto the engine's.
+"""OpenAI request bodies, and how their sampling fields map onto SamplingParams.
 
 Mapping choices (OpenAI's semantics where TGI's differ, noted):
-- temperature 0 means greedy, absent means sampling at 1.0 (OpenAI and TGI agree);
+- temperature 0 means greedy (SamplingParams' own convention), absent means sampling at 1.0
+  (OpenAI and TGI agree);
 - top_p may be 1.0 (off), which TGI's native validation would reject;
 - presence_penalty and frequency_penalty are range-checked and ignored: the engine has neither,
   and TGI's mapping of presence_penalty onto repetition_penalty (+2) would turn OpenAI's default 0
@@ -75,7 +76,7 @@ class CompletionRequest(OpenAIParameters):
 
 
 def sampling(req: OpenAIParameters) -> dict:
-    """GenerationParams fields for the request's sampling settings."""
+    """SamplingParams fields for the request's sampling settings."""
     temperature = 1.0 if req.temperature is None else req.temperature
     if temperature < 0:
         raise invalid("`temperature` must be >= 0")
@@ -92,9 +93,7 @@ def sampling(req: OpenAIParameters) -> dict:
         value = getattr(req, name)
         if value is not None and not -2.0 <= value <= 2.0:
             raise invalid(f"`{name}` must be >= -2.0 and <= 2.0")
-    greedy = temperature == 0
-    return {"do_sample": not greedy, "temperature": 1.0 if greedy else temperature, "top_k": top_k,
-            "top_p": top_p, "typical_p": 1.0, "repetition_penalty": repetition_penalty}
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty}
 
 
 def stop_strings(req: OpenAIParameters, limits: Limits) -> list[str]:

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 
 from quantpress import errors
 from quantpress.prompts import ChatFormatter
-from quantpress.runtime.engine import Engine, GenerationParams, Stream, TokenEvent
+from quantpress.runtime.engine import Engine, SamplingParams, Stream, TokenEvent
 from quantpress.runtime.loader import LoadedModel
 from quantpress.server.errors import ApiError, from_engine
 from quantpress.server.metrics import Metrics, RequestTimer
@@ -49,7 +49,7 @@ class ServerState:
         except errors.QuantpressError as e:
             raise from_engine(e) from e
 
-    def start(self, prompt_ids: list[int], params: GenerationParams, timer: RequestTimer) -> Generation:
+    def start(self, prompt_ids: list[int], params: SamplingParams, timer: RequestTimer) -> Generation:
         """Queue a generation; a full queue is 429, an over-long prompt 422."""
         try:
             stream = self.engine.submit(prompt_ids, params)

@@ -12,11 +12,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, FiniteFloat
 
 from quantpress.errors import ConfigError
-from quantpress.runtime.engine import GenerationParams
-from quantpress.runtime.sampling import MAX_SEED
+from quantpress.runtime.sampling import MAX_SEED, SamplingParams
 from quantpress.server.errors import invalid
 from quantpress.server.settings import Limits
-
 
 
 class GenerateParameters(BaseModel):
@@ -59,8 +57,7 @@ class CompatGenerateRequest(GenerateRequest):
 @dataclass(frozen=True)
 class ValidRequest:
     prompt_ids: list[int]
-    params: GenerationParams
-    sampling: bool  # TGI reports the seed only when sampling
+    params: SamplingParams
     details: bool
     decoder_input_details: bool
     return_full_text: bool
@@ -69,12 +66,19 @@ class ValidRequest:
     def input_length(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def sampling(self) -> bool:
+        """TGI reports the seed only when sampling."""
+        return not self.params.greedy
+
 
 def sampling_parameters(p: GenerateParameters, *, defaulted: bool) -> dict:
-    """TGI's checks on the sampling knobs, and what sampling they amount to.
+    """TGI's checks on the sampling knobs, and the SamplingParams fields they amount to.
 
     Sampling is on when asked for or when any warper is active (TGI `has_warpers`): a temperature,
-    top_k, top_p or typical_p sent without `do_sample` still samples.
+    top_k, top_p or typical_p sent without `do_sample` still samples. TGI's greedy (`do_sample`
+    false, no warper) is temperature 0, the one greedy convention of SamplingParams; TGI itself
+    refuses a temperature of 0, so no request can mean anything else by it.
     """
     temperature = 1.0 if p.temperature is None else p.temperature
     if temperature <= 0:
@@ -95,7 +99,7 @@ def sampling_parameters(p: GenerateParameters, *, defaulted: bool) -> dict:
     top_k = p.top_k or 0
     do_sample = defaulted if p.do_sample is None else p.do_sample
     warpers = temperature != 1.0 or top_k != 0 or top_p < 1.0 or typical_p < 1.0
-    return {"do_sample": do_sample or warpers, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+    return {"temperature": temperature if do_sample or warpers else 0.0, "top_k": top_k, "top_p": top_p,
             "typical_p": typical_p, "repetition_penalty": repetition_penalty}
 
 
@@ -132,10 +136,11 @@ def stop_sequences(stop: list[str] | None, limits: Limits) -> list[str]:
     return [s for s in stop if s]
 
 
-def generation_params(**fields) -> GenerationParams:
-    """GenerationParams from validated fields; the engine's own guard speaks only if a check above missed."""
+def sampling_params(**fields) -> SamplingParams:
+    """SamplingParams from validated fields (TGI's or OpenAI's); its own guard speaks only if a check
+    above missed."""
     try:
-        return GenerationParams(**fields)
+        return SamplingParams(**fields)
     except ConfigError as e:
         raise invalid(str(e)) from e
 
@@ -181,11 +186,10 @@ def validate_generate(request: GenerateRequest, tokenizer, limits: Limits, *, st
     add_special = True if request.add_special_tokens is None else request.add_special_tokens
     ids = truncate_ids(encode(tokenizer, request.inputs, add_special), p.truncate, limits)
     max_new_tokens = resolve_max_new_tokens(p.max_new_tokens, len(ids), limits)
-    params = generation_params(max_new_tokens=max_new_tokens, seed=p.seed, stop=tuple(stop), **sampling)
+    params = sampling_params(max_new_tokens=max_new_tokens, seed=p.seed, stop=tuple(stop), **sampling)
     return ValidRequest(
         prompt_ids=ids,
         params=params,
-        sampling=sampling["do_sample"],
         details=bool(p.details),
         decoder_input_details=bool(p.decoder_input_details),
         return_full_text=default_full_text if p.return_full_text is None else p.return_full_text,

@@ -58,10 +58,16 @@ print(json.dumps({"bytes": total}))
 """
 
 
+QUANTIZE_RTN = r"""
+import sys, quantpress
+from quantpress import QuantConfig
+quantpress.quantize(sys.argv[1], sys.argv[2], QuantConfig(bits=4, group_size=128, sym=True, method="rtn"), None)
+"""
+
+
 def quantized(fp: Path, out: Path) -> Path:
     if not (out / "quantize_config.json").exists():
-        run_child([sys.executable, "-m", "quantpress.cli", "quantize", str(fp), str(out), "--method", "rtn",
-                   "--bits", "4", "--group-size", "128", "--sym", "--overwrite"])
+        run_child([sys.executable, "-c", QUANTIZE_RTN, str(fp), str(out)])
     return out
 
 

@@ -125,6 +125,24 @@ def test_greedy_batch_equals_alone(request, model, invariant):
         check_texts(b, loaded.tokenizer)
 
 
+def test_inline_engine_runs_on_the_reading_thread_and_batches_like_the_threaded_one(loaded):
+    """No scheduler thread: reading any stream steps every running sequence, on the reader's
+    thread; the tokens are the threaded engine's."""
+    prompts = random_prompts((3, 17, 40))
+    params = [greedy(20), greedy(20), greedy(10)]
+    with running(loaded, batch_invariant=True) as engine:
+        threaded = [list(engine.submit(p, q)) for p, q in zip(prompts, params)]
+    before = threading.active_count()
+    with running(loaded, batch_invariant=True, inline=True) as engine:
+        assert threading.active_count() == before
+        streams = [engine.submit(p, q) for p, q in zip(prompts, params)]
+        last = list(streams[-1])  # drives all three sequences through shared steps
+        assert engine.stats.batch_size == 2  # the others advanced too, and are not finished yet
+        inline = [list(streams[0]), list(streams[1]), last]
+    for a, b in zip(threaded, inline, strict=True):
+        assert same_run(a, b, bitwise=True)
+
+
 @pytest.mark.parametrize("invariant", [True, False], ids=["batch_invariant", "default"])
 def test_seeded_sampling_alone_equals_under_load(loaded, invariant):
     target = SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.95,

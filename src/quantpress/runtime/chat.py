@@ -53,7 +53,7 @@ def chat_loop(
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.path} has no tokenizer files; cannot chat with it")
     params = with_stops(params, formatter.stop)  # as the server's chat route does
-    with Engine(loaded, max_batch_size=1, max_concurrent_requests=1) as engine:
+    with Engine(loaded, max_batch_size=1, max_concurrent_requests=1, inline=True) as engine:
         return _converse(engine, loaded, formatter, params, system, read, write)
 
 

@@ -28,7 +28,7 @@ def complete(loaded: LoadedModel, prompt: str, params: SamplingParams) -> Comple
     if loaded.tokenizer is None:
         raise CheckpointError(f"{loaded.path} has no tokenizer files; cannot encode a text prompt")
     prompt_ids = list(loaded.tokenizer(prompt).input_ids)
-    with Engine(loaded, max_batch_size=1, max_concurrent_requests=1) as engine:
+    with Engine(loaded, max_batch_size=1, max_concurrent_requests=1, inline=True) as engine:
         events = list(engine.submit(prompt_ids, params))
     final = events[-1]
     text = StopFilter(params.stop)

@@ -58,6 +58,10 @@ class Channel:
             except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
                 pass
 
+    def empty(self) -> bool:
+        with self._lock:
+            return not self._items
+
     def get(self) -> Item:
         with self._ready:
             self._ready.wait_for(lambda: self._items)
@@ -80,12 +84,14 @@ class Channel:
 class Stream:
     """One request's output: iterate it (blocking or async) for TokenEvents."""
 
-    def __init__(self, seed: int, prompt_tokens: int, on_cancel: Callable[[], None]) -> None:
+    def __init__(self, seed: int, prompt_tokens: int, on_cancel: Callable[[], None],
+                 pump: Callable[[], None] | None = None) -> None:
         self.seed = seed  # the effective seed (drawn by the engine when the request had none)
         self.prompt_tokens = prompt_tokens
         self._channel = Channel()
         self._cancelled = threading.Event()
         self._on_cancel = on_cancel
+        self._pump = pump  # an inline engine's scheduler iteration, run by the reader (Engine `inline`)
 
     @property
     def cancelled(self) -> bool:
@@ -100,6 +106,8 @@ class Stream:
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
+            while self._pump is not None and self._channel.empty():
+                self._pump()
             item = self._channel.get()
             if _is_end(item):
                 return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -56,12 +57,20 @@ def create_app(loaded: LoadedModel, settings: ServerSettings | None = None) -> F
     return app
 
 
+def load_on_a_passing_thread(model_dir: str | Path) -> LoadedModel:
+    """load() on a thread that then exits, taking its OpenMP pool with it: the engine's scheduler
+    thread must be the only one that owns one, or every parallel region it runs pays a wake-up
+    (see Engine's `inline`)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantpress-load") as pool:
+        return pool.submit(load, model_dir).result()
+
+
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8080,
           settings: ServerSettings | None = None) -> None:
     """Load `model_dir` and serve it until interrupted."""
     import uvicorn
 
     keep_freed_memory_small()
-    app = create_app(load(model_dir), settings)
+    app = create_app(load_on_a_passing_thread(model_dir), settings)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

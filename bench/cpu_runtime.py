@@ -17,7 +17,8 @@ kernels, the others dequantize exactly at that length).
 
 Peers: QUANTPRESS_PEER_GPTQMODEL_PYTHON (tests/peers/install_gptqmodel.sh) and
 QUANTPRESS_PEER_LLAMACPP_PYTHON (bench/peers/install_llamacpp.sh, whose converter folder
-QUANTPRESS_LLAMACPP_CONVERTER names); a missing peer's rows are left out.
+QUANTPRESS_LLAMACPP_CONVERTER names; the converter runs in this venv and needs `sentencepiece`);
+a missing peer's rows are left out.
 """
 
 from __future__ import annotations
@@ -41,20 +42,6 @@ x = torch.ones(1 << 28, dtype=torch.float32)  # 1 GiB, far past the caches
 x.sum()
 best = min((lambda t: (x.sum(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
 print(json.dumps({"gb_s": x.numel() * 4 / best / 1e9}))
-"""
-WEIGHT_BYTES = r"""
-import json, sys, quantpress
-from torch import nn
-from quantpress.runtime.qlinear import QuantLinear
-m = quantpress.load(sys.argv[1]).model
-total = 0
-for mod in m.modules():  # what a decode step streams: every Linear's weight form and the head
-    if isinstance(mod, QuantLinear):
-        total += sum(t.numel() * t.element_size() for n, t in mod.kernel.named_buffers()
-                     if n in ("packed", "scale_offsets", "weight", "qweight", "scales", "qzeros"))
-    elif isinstance(mod, nn.Linear):
-        total += mod.weight.numel() * mod.weight.element_size()
-print(json.dumps({"bytes": total}))
 """
 
 
@@ -85,8 +72,12 @@ def quantpress_rows(fp: Path, gptq: Path, threads: int) -> list[tuple[str, Child
             [gptq, "baseline"]), ("quantpress packed, fp32 compute", [gptq, "packed"]),
             ("quantpress packed, bf16 compute", [gptq, "packed-bf16"]),
             ("quantpress packed, fp32, kernel at every length", [gptq, "packed", "--kernel-only"])]
-    return [(label, run_child([sys.executable, str(CHILD), variant, str(path), "--threads", str(threads), *rest]))
-            for label, (path, variant, *rest) in runs]
+    done = []
+    for label, (path, variant, *rest) in runs:
+        done.append((label, run_child([sys.executable, str(CHILD), variant, str(path), "--threads", str(threads),
+                                       *rest])))
+        print(label, done[-1][1].result, flush=True)
+    return done
 
 
 def gguf_files(fp: Path, peer: str, converter: Path, threads: int) -> dict[str, Path]:
@@ -104,30 +95,32 @@ def gguf_files(fp: Path, peer: str, converter: Path, threads: int) -> dict[str, 
     return files
 
 
-def peer_rows(fp: Path, gptq: Path, threads: int) -> list[tuple[str, ChildRun]]:
+GPTQMODEL_BACKENDS = ("auto", "gptq_torch_cpu_avx512", "gptq_torch_aten", "gptq_torch")  # best first
+
+
+def peer_rows(fp: Path, gptq: Path, threads: int, notes: list[str]) -> list[tuple[str, ChildRun]]:
     rows = []
     gptqmodel = os.environ.get("QUANTPRESS_PEER_GPTQMODEL_PYTHON")
-    if gptqmodel:
-        rows.append(("GPTQModel 7.7 (auto backend)", run_child(
-            [gptqmodel, str(PEERS / "gptqmodel_runtime.py"), str(gptq), "--threads", str(threads)])))
+    for backend in GPTQMODEL_BACKENDS if gptqmodel else ():
+        try:  # the first backend that loads and runs this folder
+            rows.append((f"GPTQModel 7.7 ({backend})", run_child(
+                [gptqmodel, str(PEERS / "gptqmodel_runtime.py"), str(gptq), "--backend", backend,
+                 "--threads", str(threads)])))
+            break
+        except SystemExit as failure:
+            notes.append(f"GPTQModel backend `{backend}` failed on {gptq.name} ({failure.code.split(':')[0]})")
     llamacpp = os.environ.get("QUANTPRESS_PEER_LLAMACPP_PYTHON")
     converter = os.environ.get("QUANTPRESS_LLAMACPP_CONVERTER")
     if llamacpp and converter:
-        for kind, path in gguf_files(fp, llamacpp, Path(converter), threads).items():
+        try:
+            files = gguf_files(fp, llamacpp, Path(converter), threads)
+        except SystemExit:  # e.g. a tokenizer whose pre-tokenizer hash llama.cpp does not know
+            notes.append(f"llama.cpp's converter refused {fp.name} (see stderr): no llama.cpp rows")
+            files = {}
+        for kind, path in files.items():
             rows.append((f"llama.cpp {kind}", run_child(
                 [llamacpp, str(PEERS / "llamacpp_runtime.py"), "measure", str(path), "--threads", str(threads)])))
     return rows
-
-
-def stream_bytes(label: str, run: ChildRun, fp: Path, gptq: Path, cache: dict) -> float | None:
-    """Weight bytes a decode step reads, for the bandwidth fraction."""
-    if label.startswith("llama.cpp"):
-        return Path(run.result.get("model", "")).stat().st_size if run.result.get("model") else None
-    key = fp if "dense" in label else gptq
-    if key not in cache:
-        cache[key] = run_child([sys.executable, "-c", WEIGHT_BYTES, str(key)]).result["bytes"]
-    scale = {"dense bf16": 1.0, "before #13": 2.0}  # fp32 cache: 4 bytes per packed nibble's weight
-    return cache[key] * next((v for k, v in scale.items() if k in label), 1.0)
 
 
 def main() -> None:
@@ -141,21 +134,20 @@ def main() -> None:
               "of bandwidth", "perplexity"]
     body = [f"Measured read bandwidth: {gb_s:.1f} GB/s ({args.threads} threads).\n"]
     for name, (fp, gptq) in models(args.models).items():
-        rows, cache = [], {}
-        for label, run in quantpress_rows(fp, gptq, args.threads) + peer_rows(fp, gptq, args.threads):
+        rows, notes = [], []
+        for label, run in quantpress_rows(fp, gptq, args.threads) + peer_rows(fp, gptq, args.threads, notes):
             r = run.result
-            per_token = stream_bytes(label, run, fp, gptq, cache) if "kernel at" not in label else None
-            share = f"{r['decode_tok_s_1'] * per_token / 1e9 / gb_s:.0%}" if per_token else "—"
+            share = f"{r['decode_tok_s_1'] * r['stream_bytes'] / 1e9 / gb_s:.0%}"
             rows.append([label, f"{r['loaded_mib']:.0f}", f"{run.peak_rss_mib:.0f}", f"{r['prefill_tok_s']:.0f}",
                          f"{r['decode_tok_s_1']:.1f}",
                          f"{r['decode_tok_s_16']:.0f}" if "decode_tok_s_16" in r else "—", share,
                          f"{r['perplexity']:.3f}" if "perplexity" in r else "—"])
-            print(label, r, flush=True)
         body.append(f"**{name}** ({fp.name}, GPTQ 4-bit g128 sym):\n\n" + table(header, rows) + "\n")
-    text = "\n".join(body) + f"\n{machine()}\n\n`{command_line()}`\n"
-    print(text)
-    if args.section:
-        write_section(args.section, text)
+        body += [f"- {note}" for note in notes] + ([""] if notes else [])
+        text = "\n".join(body) + f"\n{machine()}\n\n`{command_line()}`\n"
+        print(text, flush=True)
+        if args.section:  # after each model, so a later failure keeps what was measured
+            write_section(args.section, text)
 
 
 if __name__ == "__main__":

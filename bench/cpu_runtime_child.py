@@ -58,6 +58,19 @@ def dense_like_before(model: nn.Module) -> None:
     model.set_output_embeddings(full)
 
 
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """What one decode step streams from memory: every Linear's weight in its runtime form (the
+    packed codes and scale/offset pairs the kernel reads, or the dense matrix) and the head."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            read = ("packed", "scale_offsets") if hasattr(module.kernel, "packed") else ("weight", "qweight", "scales")
+            total += sum(t.numel() * t.element_size() for name, t in module.kernel.named_buffers() if name in read)
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
 def run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
     """(seconds until every stream submitted at once has ended, tokens generated); greedy, up
     to `new_tokens` each (a stream may end earlier at EOS)."""
@@ -90,13 +103,14 @@ def main() -> None:
     if args.variant == "baseline":
         dense_like_before(loaded.model)
     loaded_mib = rss_mib() - before
+    stream_bytes = weight_bytes_per_token(loaded.model)
     vocab = loaded.model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
 
     def prompts(n: int, length: int) -> list[list[int]]:
         return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
-    result = {"variant": args.variant, "loaded_mib": loaded_mib, "threads": args.threads}
+    result = {"variant": args.variant, "loaded_mib": loaded_mib, "threads": args.threads, "stream_bytes": stream_bytes}
     with Engine(loaded, max_batch_size=16) as engine:
         run(engine, prompts(1, 32), 4)  # warm-up
         result["prefill_tok_s"] = args.prefill_tokens / min(run(engine, prompts(1, args.prefill_tokens), 1)[0]

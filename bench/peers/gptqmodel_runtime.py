@@ -43,6 +43,10 @@ def main() -> None:
     loaded_mib = rss_mib() - before
     hf = model.model
     kernels = sorted({type(m).__name__ for m in hf.modules() if hasattr(m, "qweight")})
+    stream_bytes = sum(t.numel() * t.element_size() for m in hf.modules() for name, t in m.named_buffers(recurse=False)
+                       if name in ("qweight", "qzeros", "scales"))
+    stream_bytes += sum(m.weight.numel() * m.weight.element_size() for m in hf.modules()
+                        if isinstance(m, torch.nn.Linear))
     vocab = hf.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
 
@@ -58,7 +62,7 @@ def main() -> None:
 
     generate(ids(1, 32), 4)  # warm-up
     result = {"variant": f"gptqmodel:{args.backend}", "kernels": kernels, "loaded_mib": loaded_mib,
-              "threads": args.threads}
+              "threads": args.threads, "stream_bytes": stream_bytes}
     prefill = min(generate(ids(1, args.prefill_tokens), 1) for _ in range(2))
     result["prefill_tok_s"] = args.prefill_tokens / prefill
     for n in (1, 16):

@@ -34,6 +34,7 @@ if [ ! -f "$CONVERTER/convert_hf_to_gguf.py" ]; then
   mkdir -p "$CONVERTER"
   tar -xzf "$SDIST" -C "$CONVERTER" --strip-components=3 \
     "llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.py" \
+    "llama_cpp_python-$VERSION/vendor/llama.cpp/conversion" \
     "llama_cpp_python-$VERSION/vendor/llama.cpp/gguf-py"
 fi
 "$VENV/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import time
 
 
@@ -59,12 +60,14 @@ def measure(path: str, threads: int, prefill_tokens: int, new_tokens: int) -> di
         llm.eval(tokens)
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            token = int(np.argmax(llm.eval_logits[-1]))
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # a view: eval_logits copies to lists
             llm.eval([token])
         return time.perf_counter() - start
 
     prefill(prompt(32))  # warm-up
-    result = {"variant": "llama.cpp", "model": path, "loaded_mib": loaded_mib, "threads": threads}
+    # the whole file: every tensor is read per token (SmolLM2's head is its tied token_embd)
+    result = {"variant": "llama.cpp", "model": path, "loaded_mib": loaded_mib, "threads": threads,
+              "stream_bytes": os.path.getsize(path)}
     result["prefill_tok_s"] = prefill_tokens / min(prefill(prompt(prefill_tokens)) for _ in range(2))
     result["decode_tok_s_1"] = (new_tokens - 1) / min(decode(prompt(32)) for _ in range(2))
     result["after_generation_mib"] = rss_mib() - before

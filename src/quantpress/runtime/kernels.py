@@ -1,12 +1,12 @@
 """Packed-weight matmuls for QuantLinear on CPU: the weight stays packed, nothing dense is kept.
 
-`pack_for_cpu(tensors, bits, group_size, fmt)` turns one GPTQ Linear's checkpoint tensors into the fastest form
-this CPU and the layer's settings allow; each form is a small nn.Module whose forward computes
-x @ W.T (no bias):
+`pack_for_cpu(tensors, bits, group_size, fmt)` turns one GPTQ Linear's checkpoint tensors into the
+fastest form this CPU and the layer's settings allow; each form is a small nn.Module whose forward
+computes x @ W.T (no bias):
 
   Int4Kernel   bits <= 4 (2/3-bit codes fit the 4-bit kernel exactly). Decode rows go through
                torch's `_weight_int4pack_mm_for_cpu` (bf16 activations, bf16 scale/offset pairs);
-               many rows (prefill, evaluation) dequantize bounded tiles of W.T exactly in the
+               many rows (prefill, evaluation) dequantize bounded tiles of W exactly in the
                activation dtype and run one dense GEMM per tile, which is 3-5x faster there
                (bench/kernels.py). 2/3-bit layers are held at 4-bit storage: a 2-bit model is
                resident at 2x its file size but decodes ~20x faster than unpacking per token.

@@ -154,7 +154,7 @@ def test_card_tables_match_the_files_on_each_branch(released, tmp_path):
         assert row["Size"] == human_size(size)
         assert row["ExLlama"] == ("Yes" if info.bits == 4 else "No")
         # The perplexity in the card is what this branch's files give on the same windows.
-        loaded = quantpress.load(checkout(released, branch, tmp_path / branch))
+        loaded = quantpress.load(checkout(released, branch, tmp_path / branch), exact=True)  # as `eval` loads
         ppl = quantpress.evaluate(loaded, "wikitext2", max_windows=EVAL_WINDOWS).perplexity
         assert quality[branch]["wikitext-2 perplexity"] == f"{ppl:.3f}"
         # ... and so are its KL and top-1 agreement to the full-precision source

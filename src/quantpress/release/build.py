@@ -226,7 +226,7 @@ def _measure(repo, variant: Variant, fingerprint: str, shared: bool, evaluation:
     folder = _variant_dir(repo, variant.branch)
     if progress is not None:
         progress("evaluate", variant.branch, 0, 1)
-    loaded = load(folder)
+    loaded = load(folder, exact=True)  # as `quantpress eval`: the card measures the weights, not the bf16 kernels
     result = evaluate(loaded, evaluation.dataset, None, max_windows=evaluation.max_windows)
     agreement = compare(loaded, reference, evaluation.dataset, result.seqlen, max_windows=evaluation.max_windows)
     done = json.loads(_done_file(repo, variant.branch).read_text())

@@ -24,7 +24,7 @@ from _common import command_line, machine, table, write_section
 
 from quantpress.formats.gptq_tensors import CheckpointFormat, to_gptq_tensors
 from quantpress.quant.qweight import QuantizedWeight
-from quantpress.runtime.kernels import Int4Kernel, TiledKernel, _tiled_matmul, _tile_rows, pack_for_cpu
+from quantpress.runtime.kernels import Int4Kernel, TiledKernel, pack_for_cpu, tile_rows, tiled_linear
 
 SHAPES = {"SmolLM2 gate/up 576->1536": (1536, 576), "SmolLM2 down 1536->576": (576, 1536),
           "168M gate/up 1024->2816": (2816, 1024), "168M down 2816->1024": (1024, 2816)}
@@ -56,7 +56,7 @@ def crossover_rows(kernel: Int4Kernel, dtype: torch.dtype) -> list[str]:
         x = torch.randn(m, kernel.k).to(dtype)
         packed = ms(lambda: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), kernel.packed, kernel.kernel_gs,
                                                                kernel.scale_offsets))
-        dense = ms(lambda: _tiled_matmul(x, kernel.n_pad, _tile_rows(kernel.k, 64), kernel.dequantized))
+        dense = ms(lambda: tiled_linear(x, kernel.n_pad, tile_rows(kernel.k, 64), kernel.dequantized))
         cells.append(f"{packed:.2f} / {dense:.2f}" + (" ←" if dense < packed else ""))
     return cells
 

@@ -127,7 +127,8 @@ def _rows_for_kernel(x: Tensor, exact: bool) -> bool:
     return not exact and x.shape[0] < DENSE_MIN_ROWS.get(x.dtype, 64)
 
 
-def _tile_rows(k: int, align: int) -> int:
+def tile_rows(k: int, align: int) -> int:
+    """Output rows per dequantized tile: TILE_ELEMENTS weights, a multiple of `align`."""
     return max(align, TILE_ELEMENTS // k // align * align)
 
 
@@ -173,7 +174,7 @@ class Int4Kernel(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE).contiguous(), self.packed,
                                                   self.kernel_gs, self.scale_offsets)
             return y[:, : self.n].to(x.dtype)
-        y = _tiled_matmul(x, self.n_pad, _tile_rows(self.k, self.layout.block), self.dequantized_in_order)
+        y = tiled_linear(x, self.n_pad, tile_rows(self.k, self.layout.block), self.dequantized_in_order)
         return y[:, : self.n]
 
     def dequantized_in_order(self, n0: int, n1: int, dtype: torch.dtype) -> Tensor:
@@ -212,7 +213,8 @@ class Int8Kernel(nn.Module):
         self.exact = exact
         s, z = qw.scales[0].to(torch.float16), qw.zeros[0].to(torch.int16)  # [N]
         self.register_buffer("weight", (qw.intweight - 128).to(torch.int8).contiguous(), persistent=False)
-        self.register_buffer("scales", s, persistent=False)
+        self.register_buffer("scales", s, persistent=False)  # exact fp16, for dequantization
+        self.register_buffer("kernel_scales", s.to(KERNEL_DTYPE), persistent=False)  # what the op takes
         self.register_buffer("zeros", z, persistent=False)
         offset = (128 - z.float()) * s.float()
         self.register_buffer("offset", offset if bool((z != 128).any()) else None, persistent=False)
@@ -221,11 +223,11 @@ class Int8Kernel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x [M, K] -> [M, N]
         if _rows_for_kernel(x, self.exact):
             xk = x.to(KERNEL_DTYPE).contiguous()
-            y = torch._weight_int8pack_mm(xk, self.weight, self.scales.to(KERNEL_DTYPE))
+            y = torch._weight_int8pack_mm(xk, self.weight, self.kernel_scales)
             if self.offset is not None:  # asym: x·(128 - z)·s, a rank-1 term, summed in fp32
                 y = y.float() + x.float().sum(-1, keepdim=True) * self.offset
             return y.to(x.dtype)
-        return _tiled_matmul(x, self.n, _tile_rows(self.k, 1), self.dequantized)
+        return tiled_linear(x, self.n, tile_rows(self.k, 1), self.dequantized)
 
     def dequantized(self, n0: int, n1: int, dtype: torch.dtype) -> Tensor:
         q = self.weight[n0:n1].to(dtype) + 128  # exact: integers below 2^8
@@ -249,7 +251,7 @@ class TiledKernel(nn.Module):
             self.register_buffer(key, tensors[key], persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # x [M, K] -> [M, N]
-        return _tiled_matmul(x, self.n, _tile_rows(self.k, self._ALIGN), self.dequantized)
+        return tiled_linear(x, self.n, tile_rows(self.k, self._ALIGN), self.dequantized)
 
     def dequantized(self, n0: int, n1: int, dtype: torch.dtype) -> Tensor:
         words = slice(n0 * self.bits // 32, n1 * self.bits // 32)
@@ -262,13 +264,13 @@ class TiledKernel(nn.Module):
         return from_gptq_tensors(tensors, self.bits, self.fmt)
 
 
-def _tiled_matmul(x: Tensor, n: int, tile: int, dequantized) -> Tensor:
-    """x [M, K] @ W.T, W [N, K] dequantized `tile` rows at a time (bounded temporaries). One
-    tile is exactly F.linear(x, W): the same GEMM the fake-quantized model runs."""
+def tiled_linear(x: Tensor, n: int, tile: int, dequantized, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] @ W.T (+ bias), W [N, K] dequantized `tile` rows at a time (bounded temporaries).
+    One tile is exactly F.linear(x, W, bias): the same GEMM the fake-quantized model runs."""
     if tile >= n:
-        return F.linear(x, dequantized(0, n, x.dtype))
+        return F.linear(x, dequantized(0, n, x.dtype), bias)
     y = x.new_empty(x.shape[0], n)
     for n0 in range(0, n, tile):
         n1 = min(n, n0 + tile)
-        y[:, n0:n1] = F.linear(x, dequantized(n0, n1, x.dtype))
+        y[:, n0:n1] = F.linear(x, dequantized(n0, n1, x.dtype), None if bias is None else bias[n0:n1])
     return y

@@ -59,7 +59,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, tokenizer: boo
     info = read_quantization(folder)
     model = build_on_meta(hf_config(folder.config), dtype)
     if info is not None:
-        keep_stored_dtype(model, _stored_dtypes(folder, model), dtype, exact)
+        keep_stored_dtype(model, lambda name: folder.dtype(name) if name in folder.file_of else None, dtype, exact)
     state = folder.read(folder.names())
     if info is not None:
         architecture_for(folder.config)  # clear error for an unsupported family
@@ -79,13 +79,6 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, tokenizer: boo
     _check_materialized(model, Path(path))
     tok = load_tokenizer(folder.path) if tokenizer and has_tokenizer(folder.path) else None
     return LoadedModel(model, tok, Path(path), folder.config, info)
-
-
-def _stored_dtypes(folder: ModelFolder, model: nn.Module) -> dict[str, torch.dtype]:
-    """{module name: checkpoint dtype} for the model's input embedding and output head."""
-    names = {module: name for name, module in model.named_modules()}
-    wanted = [names[m] for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m in names]
-    return {name: folder.dtype(f"{name}.weight") for name in wanted if f"{name}.weight" in folder.file_of}
 
 
 def _fill_default_g_idx(model: nn.Module, state: dict, names: list[str], info: GPTQFormatInfo) -> None:
